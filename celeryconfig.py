@@ -1,0 +1,64 @@
+"""Celery settings, derived from the mqi YAML configuration.
+
+Operators edit conf/*.yaml, never this file: broker, result backend and intervals come
+from there (``MQI_CONFIG``). What stays fixed here are the delivery guarantees the
+pipeline relies on.
+"""
+from kombu import Exchange, Queue
+
+from mqi_celery import runtime
+from mqi_celery.tasks import QUEUES, ROUTES
+
+_settings = runtime.settings()
+
+broker_url = _settings.broker.url
+result_backend = _settings.broker.result_backend
+broker_connection_retry_on_startup = True
+if broker_url.startswith("filesystem"):
+    # The embedded broker: message files in a folder; control_folder enables ping/inspect.
+    _folder = _settings.broker.folder
+    for _sub in ("queue", "processed", "control"):
+        (_folder / _sub).mkdir(parents=True, exist_ok=True)
+    broker_transport_options = {
+        "data_folder_in": str(_folder / "queue"),
+        "data_folder_out": str(_folder / "queue"),
+        "processed_folder": str(_folder / "processed"),
+        "store_processed": False,
+        "control_folder": str(_folder / "control"),
+    }
+
+# Explicit queues and exchange: routing never depends on implicit declarations.
+task_queues = [Queue(q, Exchange("mqi", type="direct"), routing_key=q) for q in QUEUES]
+task_routes = ROUTES
+task_default_queue = "conductor"
+
+task_serializer = result_serializer = "json"
+accept_content = ["json"]
+
+# A task is acknowledged only when it finished; a lost worker means redelivery, so every
+# step is idempotent (it checks the database before acting).
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_cancel_long_running_tasks_on_connection_loss = True
+result_extended = True
+# A failing beam task reaches the errback itself (with its own exception), not only as
+# the chord's ChordError: the case's reason names the real fault.
+task_allow_error_cb_on_chord_header = True
+
+# Flower and the Prometheus exporter need task events.
+worker_send_task_events = True
+task_send_sent_event = True
+
+# Our JSON logger owns the root logger (see mqi_celery.logs).
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False
+
+beat_schedule_filename = str(_settings.paths.work / "celerybeat-schedule")
+beat_schedule = {
+    "scan-inbox": {"task": "mqi.scan_inbox", "schedule": _settings.scanner.interval_seconds,
+                   "options": {"expires": _settings.scanner.interval_seconds}},
+    "poll-jobs": {"task": "mqi.poll_jobs", "schedule": _settings.scheduler.poll_interval_seconds,
+                  "options": {"expires": _settings.scheduler.poll_interval_seconds}},
+    "system-status": {"task": "mqi.report_system_status", "schedule": 60.0, "options": {"expires": 60.0}},
+}

@@ -1,0 +1,229 @@
+"""``mqi``: run the embedded pipeline, look at cases, retry or cancel them, check config."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from . import runtime
+from .config import masked
+from .errors import ConfigError, MQIError
+from .models import Case
+
+app = typer.Typer(help="mqi-celery: proton delivery logs recomputed by MOQUI, unattended.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+cases_app = typer.Typer(help="Look at cases, retry or cancel them.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app.add_typer(cases_app, name="cases")
+app.add_typer(config_app, name="config")
+console = Console()
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+@app.callback()
+def _global(config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="MQI_CONFIG",
+                                                  help="YAML configuration file (default: built-in embedded setup).")):
+    if config is not None:
+        os.environ["MQI_CONFIG"] = str(config.resolve())  # children (workers) read the same file
+    runtime.reset(keep_settings=False)
+
+
+def _fail(message: str, code: int = 1):
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings():
+    try:
+        return runtime.settings()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+def _store():
+    _settings()
+    return runtime.store()
+
+
+def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True) -> dict:
+    d = {"case_id": case.case_id, "path": case.path, "status": case.status.value, "step": case.step,
+         "error": case.error, "attempts": case.attempts, "correlation_id": case.trace_id,
+         "created_at": case.created_at.isoformat() + "Z" if case.created_at else None,
+         "updated_at": case.updated_at.isoformat() + "Z" if case.updated_at else None}
+    if with_jobs:
+        d["jobs"] = [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "step": j.step,
+                      "error": j.error, "scheduler": j.scheduler, "remote_id": j.remote_id,
+                      "exit_code": j.exit_code, "results": j.results} for j in case.jobs]
+    if events is not None:
+        d["events"] = events
+    return d
+
+
+def _case_or_exit(case_id: str) -> Case:
+    case = _store().get_case(case_id)
+    if case is None:
+        _fail(f"no case {case_id!r}; `mqi cases list` shows the known ones")
+    return case
+
+
+def cases_table(cases: list[Case]) -> Table:
+    table = Table(title=f"{len(cases)} case(s)", expand=True)
+    for col in ("case", "status", "step", "beams", "error"):
+        table.add_column(col, overflow="fold")
+    colors = {"COMPLETED": "green", "FAILED": "red", "PROCESSING": "cyan", "QUEUED": "yellow"}
+    for c in cases:
+        beams = " ".join(f"{j.beam}:{j.status.value[0]}" for j in c.jobs)
+        color = colors.get(c.status.value, "white")
+        table.add_row(c.case_id, f"[{color}]{c.status.value}[/{color}]", c.step or "", beams, c.error or "")
+    return table
+
+
+@cases_app.command("list")
+def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with this status."), as_json: bool = JsonOpt):
+    """All cases, oldest first."""
+    from .models import CaseStatus
+
+    try:
+        wanted = CaseStatus(status.upper()) if status else None
+    except ValueError:
+        _fail(f"unknown status {status!r}; use one of {', '.join(s.value for s in CaseStatus)}")
+    cases = _store().list_cases(wanted)
+    if as_json:
+        print(json.dumps([case_dict(c) for c in cases], indent=2))
+    else:
+        console.print(cases_table(cases))
+
+
+@cases_app.command("show")
+def cases_show(case_id: str, as_json: bool = JsonOpt):
+    """One case with its jobs and events."""
+    case = _case_or_exit(case_id)
+    d = case_dict(case, events=_store().events(case_id))
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    console.print(cases_table([case]))
+    console.print(f"path: {case.path}", highlight=False)
+    for j in d["jobs"]:
+        console.print(f"beam {j['beam']} ({j['beam_name']}): {j['status']} {j['error'] or ''}", highlight=False)
+    for e in d["events"]:
+        console.print(f"{e['timestamp']} {e['command']} {json.dumps(e['payload'])}", highlight=False)
+
+
+@cases_app.command("retry")
+def cases_retry(case_id: str, as_json: bool = JsonOpt):
+    """Run a FAILED (or COMPLETED) case again; failed beams rerun, completed beams are kept."""
+    from .conductor import retry_case
+
+    _case_or_exit(case_id)
+    try:
+        case = retry_case(case_id)
+    except MQIError as exc:
+        _fail(str(exc))
+    print(json.dumps(case_dict(case), indent=2)) if as_json else console.print(
+        f"case {case_id} queued again ({case.status.value})")
+
+
+@cases_app.command("cancel")
+def cases_cancel(case_id: str, as_json: bool = JsonOpt):
+    """Stop a case: kill its running jobs; the case ends FAILED with the reason 'cancelled'."""
+    from .conductor import cancel_case
+
+    _case_or_exit(case_id)
+    changed = cancel_case(case_id)
+    case = _store().get_case(case_id)
+    if as_json:
+        print(json.dumps(case_dict(case), indent=2))
+    elif changed:
+        console.print(f"case {case_id} cancelled")
+    else:
+        console.print(f"case {case_id} was already {case.status.value}; nothing to cancel")
+
+
+@config_app.command("check")
+def config_check(as_json: bool = JsonOpt):
+    """Validate the configuration and print the effective settings (secrets masked)."""
+    settings = _settings()
+    dump = masked(settings.model_dump(mode="json"))
+    if as_json:
+        print(json.dumps(dump, indent=2))
+        return
+    import yaml
+
+    console.print(f"# configuration OK ({settings.source})", highlight=False)
+    console.print(yaml.safe_dump(dump, sort_keys=False), highlight=False, markup=False)
+
+
+@app.command("scan")
+def scan():
+    """Scan the inbox once now (normally celery beat does it every few seconds)."""
+    from .scanner import scan_once
+
+    _store()
+    for case_id in scan_once():
+        console.print(f"registered {case_id}")
+
+
+@app.command("run")
+def run(live: bool = typer.Option(True, help="Live table of cases (off: one line per change).")):
+    """The embedded all-in-one: a worker on every queue with beat, and a live view of cases."""
+    from .process_manager import Supervised, worker_command
+
+    settings = _settings()
+    store = runtime.store()  # creates/migrates the database before the worker starts
+    for folder in (settings.paths.inbox, settings.paths.results, settings.paths.work, settings.paths.logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    worker = Supervised(worker_command(settings), settings.paths.logs / "worker.log", dict(os.environ))
+    worker.start()
+    console.print(f"[bold]mqi-celery is running[/bold] ({settings.source}).\n"
+                  f"  Drop a case folder into   {settings.paths.inbox}/\n"
+                  f"  then create the file      _CASE_READY in it (or wait {settings.scanner.settle_seconds:g} s).\n"
+                  f"  Results appear in         {settings.paths.results}/<case_id>/\n"
+                  f"  Inspect from another terminal: .venv/bin/mqi cases list\n"
+                  f"  Worker log: {settings.paths.logs / 'worker.log'}   Ctrl-C stops.", highlight=False)
+    try:
+        if live and console.is_terminal:
+            with Live(cases_table(store.list_cases()), console=console, refresh_per_second=2) as view:
+                while True:
+                    if note := worker.check():
+                        console.print(f"[yellow]{note}[/yellow]")
+                    view.update(cases_table(store.list_cases()))
+                    time.sleep(1)
+        else:
+            seen: dict[str, tuple] = {}
+            while True:
+                if note := worker.check():
+                    print(note, flush=True)
+                for c in store.list_cases():
+                    state = (c.status.value, c.step, tuple(j.status.value for j in c.jobs))
+                    if seen.get(c.case_id) != state:
+                        seen[c.case_id] = state
+                        print(f"{c.case_id}: {c.status.value} ({c.step}) "
+                              f"{' '.join(f'beam {j.beam} {j.status.value}' for j in c.jobs)}"
+                              f"{' - ' + c.error if c.error else ''}", flush=True)
+                time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping (letting running tasks finish)…")
+    finally:
+        worker.stop()
+    console.print("stopped.")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Configuration Manager: YAML file -> typed, validated settings.
+
+Every section forbids unknown keys: a misspelt key is an error naming the key and the
+file, never silently ignored. ``MQI_<SECTION>__<KEY>=value`` environment variables
+override the file; ``MQI_CONFIG`` (or ``--config``) names the file. With no file the
+built-in defaults are the embedded single-machine setup, documented in conf/default.yaml.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    inbox: Path = Path("var/inbox")
+    results: Path = Path("var/results")
+    work: Path = Path("var/work")  # local staging: generated inputs, logs of direct jobs
+    logs: Path = Path("var/log")
+
+
+class Database(Section):
+    url: str = "sqlite:///var/mqi.db"
+
+
+class Broker(Section):
+    url: str = "filesystem://"
+    folder: Path = Path("var/broker")  # only for filesystem://
+    result_backend: str = "db+sqlite:///var/celery-results.db"
+    events_exchange: str = "mqi.events"
+    # Publish events to a topic exchange: "auto" = when the broker is AMQP.
+    publish_events: Literal["auto", "always", "never"] = "auto"
+
+
+class Scanner(Section):
+    interval_seconds: float = Field(2.0, gt=0)
+    settle_seconds: float = Field(10.0, ge=0)
+    marker: str = "_CASE_READY"
+    max_depth: int = Field(3, ge=1, le=6)  # <room>/<patient>/<study> is depth 3
+
+
+class Retry(Section):
+    max_retries: int = Field(5, ge=0)
+    backoff_seconds: float = Field(2.0, ge=0)
+    backoff_max_seconds: float = Field(120.0, ge=0)
+    jitter: bool = True
+
+
+class Worker(Section):
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+    concurrency: int = Field(4, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Transport(Section):
+    kind: Literal["local"] = "local"
+    remote_root: Path = Path("var/remote")  # the "cluster" side folder for LocalTransport
+
+
+class Scheduler(Section):
+    kind: Literal["direct"] = "direct"
+    poll_interval_seconds: float = Field(2.0, gt=0)
+
+
+class Phantom(Section):
+    using_phantom_geo: bool = True
+    two_centimeter_mode: bool = True
+    dim: tuple[int, int, int] = (300, 400, 300)
+    unit: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    position: tuple[float, float, float] = (-150.0, -200.0, -280.0)
+
+
+class Engine(Section):
+    # {input_file} and {job_dir} are substituted per beam; each is quoted for the shell.
+    command: str = "mqi-demo-engine {input_file}"
+    timeout_seconds: float = Field(900.0, gt=0)
+    gpu_ids: tuple[int, ...] = (0,)
+    scorer: str = "Dose"
+    output_format: Literal["dcm", "raw", "mhd", "mha", "npz"] = "dcm"
+    # Gantry room; None = read from the plan's TreatmentMachineName (e.g. "G2" -> 2).
+    gantry_num: int | None = None
+    phantom: Phantom = Phantom()
+
+    @field_validator("command")
+    @classmethod
+    def _has_input(cls, value: str) -> str:
+        if "{input_file}" not in value:
+            raise ValueError("must contain {input_file} where the MOQUI input file goes")
+        return value
+
+
+class Logging(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = Path("var/log/mqi.jsonl")
+
+
+class Settings(Section):
+    paths: Paths = Paths()
+    database: Database = Database()
+    broker: Broker = Broker()
+    scanner: Scanner = Scanner()
+    retry: Retry = Retry()
+    worker: Worker = Worker()
+    transport: Transport = Transport()
+    scheduler: Scheduler = Scheduler()
+    engine: Engine = Engine()
+    logging: Logging = Logging()
+    source: str = Field("built-in defaults", exclude=True)
+
+    def resolved(self, base: Path) -> "Settings":
+        """Relative paths (including sqlite files) become absolute, anchored at ``base``."""
+        def absolute(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        def sqlite_abs(url: str) -> str:
+            m = re.match(r"^((?:db\+)?sqlite(?:\+\w+)?:///)(?!/)(.+)$", url)
+            return f"{m.group(1)}{absolute(Path(m.group(2)))}" if m else url
+
+        p = self.paths
+        return self.model_copy(update={
+            "paths": p.model_copy(update={k: absolute(getattr(p, k)) for k in ("inbox", "results", "work", "logs")}),
+            "database": self.database.model_copy(update={"url": sqlite_abs(self.database.url)}),
+            "broker": self.broker.model_copy(update={
+                "folder": absolute(self.broker.folder),
+                "result_backend": sqlite_abs(self.broker.result_backend)}),
+            "transport": self.transport.model_copy(update={"remote_root": absolute(self.transport.remote_root)}),
+            "logging": self.logging.model_copy(update={"file": absolute(self.logging.file)}),
+        })
+
+
+ENV_PREFIX = "MQI_"
+
+
+def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """``MQI_ENGINE__TIMEOUT_SECONDS=60`` -> {"engine": {"timeout_seconds": "60"}}."""
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split("__")
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(value) if value else value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_model(e["loc"][:-1])
+            known = list(section.model_fields) if section else []
+            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
+            lines.append(f"  {where}: unknown key{suggestion}")
+        else:
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Settings
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_settings(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read the YAML file (or defaults), apply env overrides, validate, resolve paths."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("MQI_CONFIG")
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path:
+        file = Path(path)
+        source = str(file)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist: check --config / MQI_CONFIG") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration file {file} must be a mapping of sections, got {type(data).__name__}")
+    overrides = env_overrides(environ)
+    if overrides:
+        source += " + MQI_* environment"
+    try:
+        settings = Settings.model_validate({**_merge(data, overrides), "source": source})
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+    return settings.resolved(Path.cwd())
+
+
+SECRET_KEY = re.compile(r"password|secret|token|passphrase", re.I)
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def masked(value: Any, key: str = "") -> Any:
+    """A printable copy of a settings dump with passwords in URLs and secret keys hidden."""
+    if isinstance(value, dict):
+        return {k: masked(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [masked(v, key) for v in value]
+    if isinstance(value, str):
+        return "***" if SECRET_KEY.search(key) and value else mask_url(value) if "://" in value else value
+    return value

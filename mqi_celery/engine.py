@@ -1,0 +1,86 @@
+"""MOQUI specifics: the per-beam input file, the command line, and reading a run's outcome.
+
+Everything else in the pipeline is engine-agnostic; swapping the stand-in engine for the
+real one is the ``engine.command`` setting.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import zlib
+from pathlib import PurePosixPath
+
+from . import moqui_input
+from .config import Engine
+
+FAILURE_MARKERS = ("Segmentation fault", "FATAL ERROR", "ERROR:")
+SUCCESS_MARKER = "Total execution time"
+OUTPUT_SUFFIX = {"dcm": ".dcm", "raw": ".raw", "mhd": ".mhd", "mha": ".mha", "npz": ".npz"}
+
+
+def gantry_number(machine_name: str, configured: int | None) -> int:
+    """GantryNum from config, else from the plan's machine name ("G2" -> 2)."""
+    if configured is not None:
+        return configured
+    match = re.search(r"(\d+)$", machine_name or "")
+    return int(match.group(1)) if match else 1
+
+
+def render_input(engine: Engine, *, case_id: str, beam: int, input_dir: PurePosixPath, delivery_dir: str,
+                 output_dir: PurePosixPath, gantry: int, gpu_id: int = 0) -> str:
+    """The ``moqui_tps.in`` for one beam, keys as in a real MOQUI input file."""
+    ph = engine.phantom
+    values: dict[str, object] = {
+        "GPUID": gpu_id,
+        # Reproducible: the same case and beam always get the same seed.
+        "RandomSeed": -(zlib.crc32(f"{case_id}/{beam}".encode()) & 0x7FFFFFFF),
+        "UseAbsolutePath": True,
+        "TotalThreads": -1,
+        "MaxHistoriesPerBatch": 1000000,
+        "Verbosity": 0,
+        "ParentDir": input_dir,
+        "DicomDir": input_dir,
+        "logFilePath": input_dir / delivery_dir,
+        "GantryNum": gantry,
+        "UsingPhantomGeo": ph.using_phantom_geo,
+        "TwoCentimeterMode": ph.two_centimeter_mode,
+    }
+    for axis, i in (("X", 0), ("Y", 1), ("Z", 2)):
+        values[f"PhantomDim{axis}"] = ph.dim[i]
+    for axis, i in (("X", 0), ("Y", 1), ("Z", 2)):
+        values[f"PhantomUnit{axis}"] = ph.unit[i]
+    for axis, i in (("X", 0), ("Y", 1), ("Z", 2)):
+        values[f"PhantomPosition{axis}"] = ph.position[i]
+    values.update({
+        "Scorer": engine.scorer, "SupressStd": True, "ReadStructure": True, "ROIName": "External",
+        "SourceType": "FluenceMap", "SimulationType": "perBeam", "BeamNumbers": beam,
+        "ParticlesPerHistory": 0.001, "ScoreToCTGrid": True,
+        "OutputDir": output_dir, "OutputFormat": engine.output_format, "OverwriteResults": True,
+    })
+    return moqui_input.render(values)
+
+
+def command_line(engine: Engine, *, input_file: PurePosixPath, job_dir: PurePosixPath) -> str:
+    """The configured command with placeholders filled in, every word quoted for the shell."""
+    words = shlex.split(engine.command)
+    return shlex.join(w.format(input_file=input_file, job_dir=job_dir) for w in words)
+
+
+def outcome(exit_code: int | None, log_tail: str, outputs: list[str], output_format: str) -> str | None:
+    """None when the run succeeded, else the reason in words."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    marker = next((line for line in lines if any(m in line for m in FAILURE_MARKERS)), None)
+    if exit_code not in (0, None) and marker is None and lines:
+        marker = lines[-1]  # e.g. "sh: 1: moqui: not found"
+    if exit_code is None:
+        return "engine stopped without an exit code (killed or lost)" + (f": {marker}" if marker else "")
+    if exit_code != 0:
+        return f"engine exited with code {exit_code}" + (f": {marker}" if marker else "")
+    if marker:
+        return f"engine reported an error: {marker}"
+    suffix = OUTPUT_SUFFIX[output_format]
+    if not any(name.endswith(suffix) for name in outputs):
+        return f"engine exited 0 but wrote no {suffix} output"
+    if SUCCESS_MARKER not in log_tail:
+        return f"engine log has no '{SUCCESS_MARKER}' line: the run did not finish"
+    return None

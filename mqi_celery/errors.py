@@ -1,0 +1,69 @@
+"""One error hierarchy that says whether a fault is worth retrying.
+
+Tasks never guess from bare ``OSError``s: every fault the pipeline knows about is an
+``MQIError`` whose ``transient`` flag decides between "retry with backoff" and "fail the
+case with this reason". ``is_transient`` extends the rule to the library errors that mean
+"the other side is down for a moment" (broker, database, network).
+"""
+from __future__ import annotations
+
+
+class MQIError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+    transient_default = False
+
+    def __init__(self, message: str, *, transient: bool | None = None):
+        super().__init__(message)
+        self.message = message
+        self.transient = self.transient_default if transient is None else transient
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConnectionError_(MQIError):
+    """Could not reach a host, the broker or the database. Retried."""
+
+    transient_default = True
+
+
+class ResourceError(MQIError):
+    """A resource is exhausted for now (disk full, no GPU free). Retried."""
+
+    transient_default = True
+
+
+class TransferError(MQIError):
+    """A copy failed or did not verify. Retried: a re-upload usually cures it."""
+
+    transient_default = True
+
+
+class ExecutionError(MQIError):
+    """The engine or the scheduler reported a failure. Permanent unless stated."""
+
+
+class ValidationError(MQIError):
+    """The case itself is wrong; a physicist must fix it. Never retried."""
+
+
+class ConfigError(MQIError):
+    """The configuration is wrong; the operator must fix it. Never retried."""
+
+
+class CaseCancelled(MQIError):
+    """The case was cancelled by a user; remaining steps stop quietly."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same step later can reasonably succeed."""
+    if isinstance(exc, MQIError):
+        return exc.transient
+    from sqlalchemy.exc import OperationalError, DisconnectionError  # lazy: import cost
+
+    if isinstance(exc, (OperationalError, DisconnectionError)):
+        return True
+    # Network-level faults (refused, reset, timed out) are transient; a missing local
+    # file or a permission problem is not.
+    return isinstance(exc, (ConnectionError, TimeoutError))

@@ -1,0 +1,112 @@
+"""File Transfer (queue ``transfer``): case up, results down, both verified by SHA-256.
+
+Uploads go to a staging folder renamed into place only once every file matches the
+case manifest; a repeated upload sends only what is missing or different. Downloads are
+hashed on the host, hashed again here, and renamed into place only when they agree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path, PurePosixPath
+
+from . import messages, runtime
+from .celery_app import app
+from .errors import MQIError, TransferError
+from .hosts import Host, file_sha256
+from .models import CaseStatus, JobStatus
+from .naming import remote_input_dir, remote_output_dir
+from .tasks import PipelineTask
+
+log = logging.getLogger(__name__)
+
+
+def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, manifest: dict[str, str]) -> dict:
+    """Make ``remote_dir`` an exact copy of the manifest's files; returns what was sent."""
+    files = sorted(manifest)
+    if host.exists(remote_dir) and _mismatches(host, remote_dir, manifest) == []:
+        return {"files": 0, "bytes": 0}
+    staging = remote_dir.with_name(remote_dir.name + ".staging")
+    if host.exists(remote_dir):  # keep what already arrived: only the difference is sent
+        host.remove_tree(staging)
+        host.rename(remote_dir, staging)
+    todo = _mismatches(host, staging, manifest) if host.exists(staging) else files
+    sent = host.put_tree(local_dir, staging, todo)
+    bad = _mismatches(host, staging, manifest)
+    if bad:
+        raise TransferError(f"{len(bad)} file(s) differ from the case manifest after upload "
+                            f"(first: {bad[0]}); the case will be uploaded again")
+    host.rename(staging, remote_dir)
+    return {"files": len(todo), "bytes": sent}
+
+
+def _mismatches(host: Host, remote_dir: PurePosixPath, manifest: dict[str, str]) -> list[str]:
+    remote = host.sha256(remote_dir, sorted(manifest))
+    return [rel for rel in sorted(manifest) if remote.get(rel) != manifest[rel]]
+
+
+def download_verified(host: Host, remote_dir: PurePosixPath, local_dir: Path) -> dict[str, str]:
+    """Copy every file of ``remote_dir`` into ``local_dir``; returns name -> SHA-256."""
+    names = host.list_files(remote_dir)
+    remote_hashes = host.sha256(remote_dir, names)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    got = {}
+    for name in names:
+        final = local_dir / Path(name).name
+        expected = remote_hashes[name]
+        if final.is_file() and file_sha256(final) == expected:
+            got[final.name] = expected
+            continue
+        part = final.with_name(f".{final.name}.part")
+        host.get(remote_dir / name, part)
+        actual = file_sha256(part)
+        if actual != expected:
+            part.unlink(missing_ok=True)
+            raise TransferError(f"{name}: downloaded SHA-256 {actual[:12]}… differs from the host's "
+                                f"{str(expected)[:12]}…")
+        os.replace(part, final)
+        got[final.name] = actual
+    return got
+
+
+@app.task(name="mqi.upload_case", base=PipelineTask, bind=True)
+def upload_case(self, case_id: str) -> str:
+    store = runtime.store()
+    case = store.update_case(case_id, status=CaseStatus.PROCESSING, step="uploading",
+                             only_from={CaseStatus.QUEUED, CaseStatus.PROCESSING})
+    if case is None:
+        return "skipped: case no longer active"
+    host = runtime.host()
+    started = time.monotonic()
+    try:
+        sent = upload_verified(host, Path(case.path), remote_input_dir(host.root, case_id), case.manifest)
+    except MQIError as exc:
+        messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
+        raise
+    store.update_case(case_id, step="uploaded")
+    messages.emit("upload_success", {**sent, "verified_files": len(case.manifest), "host": host.name,
+                                     "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
+    return "uploaded"
+
+
+@app.task(name="mqi.download_results", base=PipelineTask, bind=True)
+def download_results(self, case_id: str) -> str:
+    """Chord body: fetch the results of every beam that completed (failed beams have none)."""
+    store, host = runtime.store(), runtime.host()
+    case = store.update_case(case_id, step="downloading", only_from={CaseStatus.PROCESSING})
+    if case is None:
+        return "skipped: case no longer active"
+    local_dir = runtime.settings().paths.results / case_id
+    for job in store.get_case(case_id).jobs:
+        if job.status is not JobStatus.COMPLETED:
+            continue
+        try:
+            files = download_verified(host, remote_output_dir(host.root, case_id, job.beam), local_dir)
+        except MQIError as exc:
+            messages.emit("download_failed", {"beam": job.beam, "reason": str(exc)}, case_id=case_id)
+            raise
+        store.update_job(case_id, job.beam, results=files, step="downloaded")
+        messages.emit("download_success", {"beam": job.beam, "files": files, "host": host.name},
+                      case_id=case_id)
+    return "downloaded"

@@ -1,0 +1,138 @@
+"""The machine that runs the engine, as seen by File Transfer and the Remote Executor.
+
+A ``Host`` offers exactly what the pipeline needs: run a shell command, move files in
+and out, hash files where they lie. ``LocalHost`` is the embedded default: the "remote"
+root is a local folder and commands run as local processes. SSH comes later with the
+same interface, so transfers and schedulers are written once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from .config import Settings
+from .errors import ConfigError, ExecutionError, TransferError
+from .naming import safe_relpath
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Host(Protocol):
+    name: str
+    root: PurePosixPath
+
+    def run(self, command: str, *, timeout: float = 60) -> CommandResult: ...
+    def exists(self, remote_path: PurePosixPath) -> bool: ...
+    def put_tree(self, local_dir: Path, remote_dir: PurePosixPath, files: list[str]) -> int: ...
+    def sha256(self, remote_dir: PurePosixPath, files: list[str]) -> dict[str, str | None]: ...
+    def list_files(self, remote_dir: PurePosixPath) -> list[str]: ...
+    def get(self, remote_path: PurePosixPath, local_path: Path) -> int: ...
+    def write_text(self, remote_path: PurePosixPath, text: str) -> None: ...
+    def read_tail(self, remote_path: PurePosixPath, max_bytes: int = 65536) -> str: ...
+    def remove_tree(self, remote_dir: PurePosixPath) -> None: ...
+    def rename(self, src: PurePosixPath, dst: PurePosixPath) -> None: ...
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LocalHost:
+    """The cluster side is a folder on this machine (the embedded default, and tests)."""
+
+    def __init__(self, root: Path):
+        self.name = "localhost"
+        self.root = PurePosixPath(root)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        # Commands find this installation's tools (mqi-demo-engine) even outside an
+        # activated virtualenv.
+        self._env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def _local(self, remote: PurePosixPath) -> Path:
+        path = Path(remote)
+        if not path.resolve().is_relative_to(Path(self.root).resolve()):
+            raise TransferError(f"{remote} is outside the remote root {self.root}", transient=False)
+        return path
+
+    def run(self, command: str, *, timeout: float = 60) -> CommandResult:
+        try:
+            p = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, env=self._env)
+        except subprocess.TimeoutExpired:
+            raise ExecutionError(f"command on {self.name} timed out after {timeout} s", transient=True) from None
+        return CommandResult(p.returncode, p.stdout, p.stderr)
+
+    def exists(self, remote_path: PurePosixPath) -> bool:
+        return self._local(remote_path).exists()
+
+    def put_tree(self, local_dir: Path, remote_dir: PurePosixPath, files: list[str]) -> int:
+        sent = 0
+        for rel in files:
+            dst = self._local(remote_dir / safe_relpath(rel))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local_dir / rel, dst)
+            sent += dst.stat().st_size
+        return sent
+
+    def sha256(self, remote_dir: PurePosixPath, files: list[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for rel in files:
+            path = self._local(remote_dir / safe_relpath(rel))
+            out[rel] = file_sha256(path) if path.is_file() else None
+        return out
+
+    def list_files(self, remote_dir: PurePosixPath) -> list[str]:
+        base = self._local(remote_dir)
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+    def get(self, remote_path: PurePosixPath, local_path: Path) -> int:
+        src = self._local(remote_path)
+        try:
+            shutil.copyfile(src, local_path)
+        except FileNotFoundError:
+            raise TransferError(f"{remote_path} does not exist on {self.name}", transient=False) from None
+        return local_path.stat().st_size
+
+    def write_text(self, remote_path: PurePosixPath, text: str) -> None:
+        path = self._local(remote_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def read_tail(self, remote_path: PurePosixPath, max_bytes: int = 65536) -> str:
+        path = self._local(remote_path)
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            return f.read().decode("utf-8", "replace")
+
+    def remove_tree(self, remote_dir: PurePosixPath) -> None:
+        shutil.rmtree(self._local(remote_dir), ignore_errors=True)
+
+    def rename(self, src: PurePosixPath, dst: PurePosixPath) -> None:
+        os.replace(self._local(src), self._local(dst))
+
+
+def make_host(settings: Settings) -> Host:
+    if settings.transport.kind == "local":
+        return LocalHost(settings.transport.remote_root)
+    raise ConfigError(f"transport.kind {settings.transport.kind!r} is not supported")

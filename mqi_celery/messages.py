@@ -1,0 +1,70 @@
+"""Status messages of the original design: recorded in the events table, logged, and
+published as JSON ``{command, payload, timestamp, correlation_id}`` to a topic exchange
+(routing key ``<component>.<event>``) so other systems can subscribe.
+
+Payloads carry case ids, beams, file names, hashes and reasons; never patient names.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from . import logs, runtime
+
+log = logging.getLogger(__name__)
+
+COMPONENT = {
+    "new_case_found": "scanner",
+    "upload_success": "transfer",
+    "upload_failed": "transfer",
+    "download_success": "transfer",
+    "download_failed": "transfer",
+    "execution_started": "executor",
+    "execution_success": "executor",
+    "execution_failed": "executor",
+    "case_completed": "conductor",
+    "case_failed": "conductor",
+    "case_retried": "conductor",
+    "case_cancelled": "conductor",
+    "system_status_update": "curator",
+}
+
+
+def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None) -> dict[str, Any]:
+    """Record, log and publish one message. Publishing is best effort: the events table
+    is the record, the exchange is a convenience for subscribers."""
+    component = COMPONENT[command]
+    message = {
+        "command": command,
+        "payload": {"case_id": case_id, **payload} if case_id else payload,
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "correlation_id": logs.correlation_id.get(),
+    }
+    runtime.store().add_event(command, message["payload"], case_id=case_id,
+                              correlation_id=message["correlation_id"])
+    log.info("%s %s", command, case_id or "", extra={"event": command, "payload": message["payload"]})
+    if _publishing():
+        try:
+            _publish(f"{component}.{command}", message)
+        except Exception as exc:  # noqa: BLE001 - a subscriber outage must not fail the case
+            log.warning("could not publish %s: %s", command, exc)
+    return message
+
+
+def _publishing() -> bool:
+    broker = runtime.settings().broker
+    if broker.publish_events == "auto":
+        return broker.url.startswith(("amqp", "pyamqp"))
+    return broker.publish_events == "always"
+
+
+def _publish(routing_key: str, message: dict[str, Any]) -> None:
+    from kombu import Exchange
+
+    from .celery_app import app
+
+    exchange = Exchange(runtime.settings().broker.events_exchange, type="topic", durable=True)
+    with app.producer_or_acquire() as producer:
+        producer.publish(message, exchange=exchange, routing_key=routing_key, declare=[exchange],
+                         serializer="json", retry=True, retry_policy={"max_retries": 2})

@@ -1,0 +1,94 @@
+"""The domain vocabulary: statuses, their legal transitions, and immutable views of rows.
+
+Status names are the original design's and are part of the public interface (CLI JSON,
+events, dashboards). A finer ``step`` (uploading, submitted, ...) sits beside the status
+for humans; only the status drives the workflow.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class CaseStatus(str, enum.Enum):
+    NEW = "NEW"
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+CASE_TRANSITIONS: dict[CaseStatus, frozenset[CaseStatus]] = {
+    CaseStatus.NEW: frozenset({CaseStatus.QUEUED, CaseStatus.FAILED}),
+    CaseStatus.QUEUED: frozenset({CaseStatus.PROCESSING, CaseStatus.FAILED}),
+    CaseStatus.PROCESSING: frozenset({CaseStatus.COMPLETED, CaseStatus.FAILED}),
+    # A finished case can be run again on request (``mqi cases retry``).
+    CaseStatus.COMPLETED: frozenset({CaseStatus.QUEUED}),
+    CaseStatus.FAILED: frozenset({CaseStatus.QUEUED}),
+}
+
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.PENDING}),
+    JobStatus.COMPLETED: frozenset({JobStatus.PENDING}),
+    JobStatus.FAILED: frozenset({JobStatus.PENDING}),
+}
+
+TERMINAL_CASE = frozenset({CaseStatus.COMPLETED, CaseStatus.FAILED})
+TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+
+
+class IllegalTransition(ValueError):
+    """A status change the lifecycle does not allow (a bug or a race lost)."""
+
+
+def check_transition(kind: str, current, target) -> None:
+    table = CASE_TRANSITIONS if kind == "case" else JOB_TRANSITIONS
+    if current == target:
+        return
+    if target not in table[current]:
+        raise IllegalTransition(f"{kind} cannot go from {current.value} to {target.value}")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    case_id: str
+    beam: int
+    beam_name: str
+    delivery_dir: str
+    status: JobStatus
+    step: str | None = None
+    error: str | None = None
+    scheduler: str | None = None
+    remote_id: str | None = None
+    remote_state: str | None = None
+    exit_code: int | None = None
+    gpu_id: int | None = None
+    results: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    submitted_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    path: str
+    status: CaseStatus
+    step: str | None = None
+    error: str | None = None
+    trace_id: str = ""
+    study_uid: str | None = None
+    attempts: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    manifest: dict[str, str] = field(default_factory=dict)
+    jobs: tuple[Job, ...] = ()

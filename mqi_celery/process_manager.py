@@ -1,0 +1,64 @@
+"""Process Manager: runs and supervises the Celery processes of an installation.
+
+``mqi run`` is the embedded all-in-one: one worker consuming every queue with beat
+inside it, restarted if it dies, stopped cleanly (warm shutdown) on Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import Settings
+from .tasks import QUEUES
+
+
+def worker_command(settings: Settings, *, queues=QUEUES, beat: bool = True) -> list[str]:
+    cmd = [sys.executable, "-m", "celery", "-A", "mqi_celery", "worker", "-Q", ",".join(queues),
+           "--pool", settings.worker.pool, "--concurrency", str(settings.worker.concurrency),
+           "--loglevel", settings.worker.log_level, "--hostname", f"mqi-all@%h"]
+    if beat:
+        cmd += ["--beat", "--schedule", str(settings.paths.work / "celerybeat-schedule")]
+    return cmd
+
+
+class Supervised:
+    """One child process, restarted with backoff when it exits on its own."""
+
+    def __init__(self, command: list[str], log_file: Path, env: dict[str, str]):
+        self.command, self.log_file, self.env = command, log_file, env
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._next_start = 0.0
+
+    def start(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as out:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def check(self) -> str | None:
+        """Restart a dead child; returns a message when that happened."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        now = time.monotonic()
+        if now < self._next_start:
+            return None
+        code = self.proc.returncode
+        self.restarts += 1
+        self._next_start = now + min(60, 2 ** self.restarts)
+        self.start()
+        return f"worker exited with code {code}; restarted (see {self.log_file})"
+
+    def stop(self, grace: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown: finish running tasks
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

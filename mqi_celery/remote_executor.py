@@ -1,0 +1,140 @@
+"""Remote Executor (queue ``execute``): per beam, write the MOQUI input, submit the job,
+and wait until it is over; plus the batched poller that asks each host once per interval
+about all its active jobs and writes what it learns to the database.
+
+``wait_for_job`` only reads the database; its polling (``self.retry`` with the poll
+interval) is kept apart from error retries so polling never eats the error budget.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+
+from . import engine, messages, runtime
+from .celery_app import app
+from .db import utcnow
+from .errors import MQIError
+from .models import CaseStatus, JobStatus
+from .naming import remote_input_dir, remote_job_dir, remote_output_dir
+from .schedulers import JobSpec
+from .tasks import PipelineTask
+
+log = logging.getLogger(__name__)
+
+
+def _active_case(case_id: str):
+    case = runtime.store().get_case(case_id)
+    return case if case and case.status is CaseStatus.PROCESSING else None
+
+
+def _gpu_for(beam_index: int) -> int:
+    gpus = runtime.settings().engine.gpu_ids
+    return gpus[beam_index % len(gpus)]
+
+
+@app.task(name="mqi.prepare_input", base=PipelineTask, bind=True)
+def prepare_input(self, case_id: str, beam: int) -> str:
+    case = _active_case(case_id)
+    if case is None:
+        return "skipped: case no longer active"
+    job = next(j for j in case.jobs if j.beam == beam)
+    if job.status is not JobStatus.PENDING:
+        return "skipped: already submitted"
+    settings, host = runtime.settings(), runtime.host()
+    plan = next(Path(case.path).glob("RP*.dcm"))
+    machine = str(pydicom.dcmread(plan, stop_before_pixels=True).IonBeamSequence[0].get("TreatmentMachineName", ""))
+    job_dir = remote_job_dir(host.root, case_id, beam)
+    text = engine.render_input(settings.engine, case_id=case_id, beam=beam,
+                               input_dir=remote_input_dir(host.root, case_id), delivery_dir=job.delivery_dir,
+                               output_dir=remote_output_dir(host.root, case_id, beam),
+                               gantry=engine.gantry_number(machine, settings.engine.gantry_num))
+    host.remove_tree(remote_output_dir(host.root, case_id, beam))  # a rerun starts clean
+    host.write_text(job_dir / "moqui_tps.in", text)
+    runtime.store().update_job(case_id, beam, step="input written",
+                               gpu_id=_gpu_for([j.beam for j in case.jobs].index(beam)))
+    return "prepared"
+
+
+@app.task(name="mqi.submit_job", base=PipelineTask, bind=True)
+def submit_job(self, case_id: str, beam: int) -> str:
+    store = runtime.store()
+    if _active_case(case_id) is None:
+        return "skipped: case no longer active"
+    job = store.get_job(case_id, beam)
+    if job.status is not JobStatus.PENDING:  # a redelivered submit must not start a second run
+        return f"skipped: job is {job.status.value}"
+    settings, host, scheduler = runtime.settings(), runtime.host(), runtime.scheduler()
+    job_dir = remote_job_dir(host.root, case_id, beam)
+    spec = JobSpec(name=f"mqi-{case_id}-{beam}", workdir=job_dir,
+                   command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
+                                               job_dir=job_dir),
+                   gpu_id=job.gpu_id, time_limit_seconds=settings.engine.timeout_seconds)
+    remote_id = scheduler.submit(spec)
+    store.update_job(case_id, beam, status=JobStatus.RUNNING, step="submitted", scheduler=scheduler.kind,
+                     remote_id=remote_id, remote_state=None, exit_code=None, submitted_at=utcnow(),
+                     finished_at=None, error=None)
+    store.update_case(case_id, step="running")
+    messages.emit("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
+                                        "host": host.name, "gpu": job.gpu_id}, case_id=case_id)
+    return remote_id
+
+
+@app.task(name="mqi.wait_for_job", base=PipelineTask, bind=True, max_retries=None, polling=True)
+def wait_for_job(self, case_id: str, beam: int) -> str:
+    """Returns the beam's final JobStatus; never raises for an engine failure, so the other
+    beams of the chord and the download of their results go on."""
+    store, settings = runtime.store(), runtime.settings()
+    job = store.get_job(case_id, beam)
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED) or _active_case(case_id) is None:
+        return job.status.value
+    if job.finished_at is None:
+        limit = settings.engine.timeout_seconds
+        if job.submitted_at and utcnow() - job.submitted_at > timedelta(seconds=limit):
+            runtime.scheduler().cancel(job.remote_id, remote_job_dir(runtime.host().root, case_id, beam))
+            return _finish(case_id, beam, f"engine did not finish within {limit:g} s (timeout); job killed")
+        raise self.retry(countdown=settings.scheduler.poll_interval_seconds, max_retries=None)
+    host = runtime.host()
+    log_tail = host.read_tail(remote_job_dir(host.root, case_id, beam) / "job.log")
+    outputs = host.list_files(remote_output_dir(host.root, case_id, beam))
+    return _finish(case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format))
+
+
+def _finish(case_id: str, beam: int, failure: str | None) -> str:
+    status = JobStatus.FAILED if failure else JobStatus.COMPLETED
+    job = runtime.store().update_job(case_id, beam, status=status, error=failure, step="finished",
+                                     only_from={JobStatus.RUNNING})
+    if job is None:  # cancelled meanwhile
+        return runtime.store().get_job(case_id, beam).status.value
+    if failure:
+        messages.emit("execution_failed", {"beam": beam, "reason": failure, "exit_code": job.exit_code},
+                      case_id=case_id)
+    else:
+        messages.emit("execution_success", {"beam": beam, "exit_code": job.exit_code}, case_id=case_id)
+    return status.value
+
+
+@app.task(name="mqi.poll_jobs", ignore_result=True)
+def poll_jobs() -> int:
+    """One scheduler query for all active jobs of the host; records finished ones."""
+    store, host = runtime.store(), runtime.host()
+    active = store.active_jobs()
+    if not active:
+        return 0
+    try:
+        states = runtime.scheduler().poll({j.remote_id: remote_job_dir(host.root, j.case_id, j.beam)
+                                           for j in active})
+    except MQIError as exc:
+        log.warning("polling %d job(s) on %s failed: %s", len(active), host.name, exc)
+        return 0
+    for job in active:
+        state = states.get(job.remote_id)
+        if state is None:
+            continue
+        fields = {"remote_state": state.state}
+        if state.finished:
+            fields.update(exit_code=state.exit_code, finished_at=utcnow())
+        store.update_job(job.case_id, job.beam, only_from={JobStatus.RUNNING}, **fields)
+    return len(active)
