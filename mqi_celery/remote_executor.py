@@ -90,13 +90,19 @@ def wait_for_job(self, case_id: str, beam: int) -> str:
     job = store.get_job(case_id, beam)
     if job.status in (JobStatus.COMPLETED, JobStatus.FAILED) or _active_case(case_id) is None:
         return job.status.value
+    host = runtime.host()
     if job.finished_at is None:
         limit = settings.engine.timeout_seconds
-        if job.submitted_at and utcnow() - job.submitted_at > timedelta(seconds=limit):
-            runtime.scheduler().cancel(job.remote_id, remote_job_dir(runtime.host().root, case_id, beam))
+        if not (job.submitted_at and utcnow() - job.submitted_at > timedelta(seconds=limit)):
+            raise self.retry(countdown=settings.scheduler.poll_interval_seconds, max_retries=None)
+        # Past the deadline: ask once more (the poller may just not have come by), then kill.
+        job_dir = remote_job_dir(host.root, case_id, beam)
+        state = runtime.scheduler().poll({job.remote_id: job_dir}).get(job.remote_id)
+        if state is None or not state.finished:
+            runtime.scheduler().cancel(job.remote_id, job_dir)
             return _finish(case_id, beam, f"engine did not finish within {limit:g} s (timeout); job killed")
-        raise self.retry(countdown=settings.scheduler.poll_interval_seconds, max_retries=None)
-    host = runtime.host()
+        job = store.update_job(case_id, beam, remote_state=state.state, exit_code=state.exit_code,
+                               finished_at=utcnow())
     log_tail = host.read_tail(remote_job_dir(host.root, case_id, beam) / "job.log")
     outputs = host.list_files(remote_output_dir(host.root, case_id, beam))
     return _finish(case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format))

@@ -1,0 +1,133 @@
+"""Shared fixtures: an isolated configuration per test, and a real embedded pipeline
+(`mqi run` as a subprocess, as a user starts it) for end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mqi_celery import runtime
+
+BIN = Path(sys.executable).parent
+
+
+def poll_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    """Return predicate()'s first truthy value, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(folder: Path, **sections) -> Path:
+    """A config for tests: everything under ``folder``, fast intervals, overrides merged."""
+    base = {
+        "paths": {"inbox": str(folder / "inbox"), "results": str(folder / "results"),
+                  "work": str(folder / "work"), "logs": str(folder / "log")},
+        "database": {"url": f"sqlite:///{folder}/mqi.db"},
+        "broker": {"url": "filesystem://", "folder": str(folder / "broker"),
+                   "result_backend": f"db+sqlite:///{folder}/results.db"},
+        "scanner": {"interval_seconds": 0.5, "settle_seconds": 3},
+        "scheduler": {"poll_interval_seconds": 0.5},
+        "retry": {"backoff_seconds": 0.2, "backoff_max_seconds": 1},
+        "worker": {"concurrency": 3},
+        "transport": {"remote_root": str(folder / "remote")},
+        "logging": {"file": str(folder / "log" / "mqi.jsonl")},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    path = folder / "mqi.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path, monkeypatch):
+    """Point this process (runtime singletons) at a fresh per-test configuration."""
+    def configure(**sections) -> Path:
+        path = write_config(tmp_path, **sections)
+        monkeypatch.setenv("MQI_CONFIG", str(path))
+        runtime.reset(keep_settings=False)
+        return path
+
+    configure()
+    yield configure
+    runtime.reset(keep_settings=False)
+
+
+class Embedded:
+    """`mqi run` in a subprocess plus `mqi cases …` calls, like a user in two terminals."""
+
+    def __init__(self, folder: Path, config: Path):
+        self.folder, self.config = folder, config
+        self.env = {**os.environ, "MQI_CONFIG": str(config)}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Embedded":
+        self.out = open(self.folder / "run.out", "wb")
+        self.proc = subprocess.Popen([str(BIN / "mqi"), "run", "--no-live"], cwd=self.folder, env=self.env,
+                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+        self.out.close()
+        return self.proc.returncode
+
+    def mqi(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "mqi"), *args], cwd=self.folder, env=self.env,
+                              capture_output=True, text=True, timeout=120)
+
+    def mqi_json(self, *args: str):
+        p = self.mqi(*args, "--json")
+        assert p.returncode == 0, p.stdout + p.stderr
+        return json.loads(p.stdout)
+
+    def wait_case(self, case_id: str, statuses=("COMPLETED", "FAILED"), timeout: float = 60) -> dict:
+        def done():
+            p = self.mqi("cases", "show", case_id, "--json")
+            if p.returncode != 0:
+                return None
+            case = json.loads(p.stdout)
+            return case if case["status"] in statuses else None
+        return poll_until(done, timeout, 0.5, f"case {case_id} to reach {statuses}")
+
+    @property
+    def inbox(self) -> Path:
+        return self.folder / "inbox"
+
+    def log_lines(self) -> list[dict]:
+        path = self.folder / "log" / "mqi.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    """Factory: ``embedded(**config_sections)`` starts `mqi run`; stopped at test end."""
+    runs: list[Embedded] = []
+
+    def start(**sections) -> Embedded:
+        run = Embedded(tmp_path, write_config(tmp_path, **sections)).start()
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.stop()

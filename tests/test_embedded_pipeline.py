@@ -1,0 +1,187 @@
+"""End to end on the embedded default: `mqi run` (worker with beat, filesystem broker,
+SQLite, LocalHost, DirectScheduler, demo engine), cases dropped into the inbox."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pydicom
+import pytest
+
+from tests.casegen import STUDY_UID, make_case, set_beam_number
+
+PATIENT_NAME = "ANONYMIZED"  # the plan's patient name: must never reach a log or an event
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_completed_with_results(run, case: dict) -> None:
+    assert case["status"] == "COMPLETED", case["error"]
+    assert case["error"] is None
+    assert [(j["beam"], j["status"]) for j in case["jobs"]] == [(2, "COMPLETED"), (3, "COMPLETED"), (4, "COMPLETED")]
+    results = run.folder / "results" / case["case_id"]
+    doses = sorted(results.glob("*.dcm"))
+    assert len(doses) == 3
+    for dose in doses:
+        beam = next(j for j in case["jobs"] if dose.name in j["results"])
+        written = run.folder / "remote" / case["case_id"] / f"beam_{beam['beam']}" / "output" / dose.name
+        assert sha256(dose) == sha256(written) == beam["results"][dose.name]
+        assert pydicom.dcmread(dose).Modality == "RTDOSE"
+
+
+def test_case_with_marker_completes(embedded):
+    run = embedded()
+    make_case(run.inbox, marker=True)
+    case = run.wait_case(STUDY_UID, timeout=60)
+    assert_completed_with_results(run, case)
+    assert case["path"] == str(run.inbox / STUDY_UID)
+    commands = [e["command"] for e in case["events"]]
+    for expected in ("new_case_found", "upload_success", "execution_started", "execution_success",
+                     "download_success", "case_completed"):
+        assert expected in commands
+    listed = run.mqi_json("cases", "list")
+    assert [c["case_id"] for c in listed] == [STUDY_UID] and listed[0]["status"] == "COMPLETED"
+
+    # Logs: JSON lines with the agreed fields; the case's lines carry its correlation id,
+    # Celery's own task lines included; no patient name anywhere.
+    lines = run.log_lines()
+    assert lines and all({"timestamp", "level", "module", "correlation_id", "message"} <= set(line)
+                         for line in lines)
+    trace = case["correlation_id"]
+    succeeded = [line for line in lines if "mqi.upload_case[" in line["message"] and "succeeded" in line["message"]]
+    assert succeeded and all(line["correlation_id"] == trace for line in succeeded)
+    assert all(e["correlation_id"] == trace for e in case["events"])
+    assert PATIENT_NAME not in (run.folder / "log" / "mqi.jsonl").read_text()
+    assert PATIENT_NAME not in json.dumps(case)
+    assert run.stop() == 0  # Ctrl-C stops cleanly
+
+
+def test_case_without_marker_completes_after_settling(embedded):
+    run = embedded(scanner={"settle_seconds": 2})
+    make_case(run.inbox / "G2" / "55061194")  # nested <room>/<patient>/<study>
+    case = run.wait_case(STUDY_UID, timeout=60)
+    assert_completed_with_results(run, case)
+    assert case["path"] == str(run.inbox / "G2" / "55061194" / STUDY_UID)
+
+
+def test_invalid_cases_fail_with_reasons_and_do_not_block_a_valid_one(embedded):
+    run = embedded()
+    no_plan = make_case(run.inbox, "no_plan")
+    for plan in no_plan.glob("RP*.dcm"):
+        plan.unlink()
+    two_plans = make_case(run.inbox, "two_plans")
+    plan = next(two_plans.glob("RP*.dcm"))
+    shutil.copyfile(plan, two_plans / "RP.second.dcm")
+    setup_beam = make_case(run.inbox, "setup_beam")
+    set_beam_number(setup_beam, "2025042401440800", 1)
+    absent_beam = make_case(run.inbox, "absent_beam")
+    set_beam_number(absent_beam, "2025042401440800", 9)
+    unreadable = make_case(run.inbox, "unreadable")
+    next(unreadable.glob("RP*.dcm")).write_bytes(b"not a dicom file at all")
+    make_case(run.inbox, "valid")
+    for folder in run.inbox.iterdir():
+        (folder / "_CASE_READY").touch()
+
+    expected = {
+        "no_plan": "no RT plan",
+        "two_plans": "2 RT plans",
+        "setup_beam": "names beam 1 (SETUP), a SETUP beam, not a TREATMENT beam",
+        "absent_beam": "names beam 9, which is not in the plan",
+        "unreadable": "is not a readable DICOM file",
+    }
+    for case_id, reason in expected.items():
+        case = run.wait_case(case_id, timeout=60)
+        assert case["status"] == "FAILED" and reason in case["error"], case["error"]
+        assert case["jobs"] == [] or all(j["status"] == "PENDING" for j in case["jobs"])
+    assert_completed_with_results(run, run.wait_case("valid", timeout=60))
+
+
+ENGINE_WRAPPER = """#!/bin/sh
+# Test engine: the failure mode comes from the case itself (file FAIL_MODE in the case
+# folder); it only applies while the flag file {flags}/<mode> exists.
+input="$1"; job_dir="$2"
+mode=$(cat "$job_dir/../input/FAIL_MODE" 2>/dev/null)
+if [ -n "$mode" ]; then
+  exec mqi-demo-engine --fail "$mode" --fail-beams 3 --fail-if-exists "{flags}/$mode" "$input"
+fi
+exec mqi-demo-engine "$input"
+"""
+
+
+@pytest.fixture
+def failing_engine(tmp_path):
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    for mode in ("exit", "segfault", "no-output", "hang"):
+        (flags / mode).touch()
+    script = tmp_path / "engine.sh"
+    script.write_text(ENGINE_WRAPPER.format(flags=flags))
+    return script, flags
+
+
+def test_engine_failures_fail_the_beam_keep_other_results_and_retry(embedded, failing_engine):
+    script, flags = failing_engine
+    run = embedded(engine={"command": f"sh {script} {{input_file}} {{job_dir}}", "timeout_seconds": 20})
+    for mode in ("exit", "segfault", "no-output", "hang"):
+        case = make_case(run.inbox, f"fail_{mode}")
+        (case / "FAIL_MODE").write_text(mode)
+        (case / "_CASE_READY").touch()
+
+    expected = {
+        "exit": "engine exited with code 3: ERROR: simulated failure",
+        "segfault": "engine exited with code 139: Segmentation fault",
+        "no-output": "engine exited 0 but wrote no .dcm output",
+        "hang": "engine did not finish within 20 s (timeout); job killed",
+    }
+    for mode, reason in expected.items():
+        case = run.wait_case(f"fail_{mode}", timeout=90)
+        assert case["status"] == "FAILED"
+        jobs = {j["beam"]: j for j in case["jobs"]}
+        assert jobs[3]["status"] == "FAILED" and reason in jobs[3]["error"], jobs[3]["error"]
+        assert f"beam 3 (2G225:TX): {reason}" in case["error"]
+        # The beams that ran well keep their verified results.
+        assert jobs[2]["status"] == jobs[4]["status"] == "COMPLETED"
+        results = run.folder / "results" / case["case_id"]
+        assert {p.name for p in results.glob("*.dcm")} == {*jobs[2]["results"], *jobs[4]["results"]}
+        report = json.loads((results / "report.json").read_text())
+        assert [j["status"] for j in report["jobs"]] == ["COMPLETED", "FAILED", "COMPLETED"]
+
+    # Fixed engine: retry runs the failed beam again and the case completes.
+    (flags / "exit").unlink()
+    retried = run.mqi_json("cases", "retry", "fail_exit")
+    assert retried["status"] == "QUEUED"
+    case = run.wait_case("fail_exit", statuses=("COMPLETED",), timeout=60)
+    assert_completed_with_results(run, case)
+    assert [e["command"] for e in case["events"]].count("case_retried") == 1
+
+
+def test_cancel_stops_a_running_case(embedded, failing_engine):
+    script, _flags = failing_engine
+    run = embedded(engine={"command": f"sh {script} {{input_file}} {{job_dir}}", "timeout_seconds": 300})
+    case_dir = make_case(run.inbox, "to_cancel")
+    (case_dir / "FAIL_MODE").write_text("hang")
+    (case_dir / "_CASE_READY").touch()
+    run.wait_case("to_cancel", statuses=("PROCESSING",), timeout=60)
+    from tests.conftest import poll_until
+
+    poll_until(lambda: any(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "to_cancel")["jobs"]),
+               30, what="beam 3 running")
+    cancelled = run.mqi_json("cases", "cancel", "to_cancel")
+    assert cancelled["status"] == "FAILED" and cancelled["error"] == "cancelled"
+    case = run.wait_case("to_cancel", timeout=30)
+    assert case["status"] == "FAILED" and case["error"] == "cancelled"
+    hung = next(j for j in case["jobs"] if j["beam"] == 3)
+    assert hung["status"] == "FAILED" and hung["error"] == "cancelled"
+    pid = int(hung["remote_id"])
+    poll_until(lambda: not _alive(pid), 15, what="the hung engine to be killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
