@@ -42,11 +42,14 @@ class Scheduler(Protocol):
 
 # Written beside each direct job: survives the session that started it (setsid/nohup) and
 # leaves its pid and exit code in files any process can read later.
-_DIRECT_WRAPPER = 'echo $$ > job.pid; {env}{command} > job.log 2>&1; echo $? > job.exit.tmp; mv job.exit.tmp job.exit'
+_DIRECT_WRAPPER = ('echo $$ > job.pid; {env}( {command}\n) > job.log 2>&1; '
+                   'echo $? > job.exit.tmp; mv job.exit.tmp job.exit')
 
+# The exit file is checked again after the liveness test: a job may finish in between.
 _DIRECT_POLL = r'''for d in "$@"; do
   if [ -f "$d/job.exit" ]; then echo "EXITED $(cat "$d/job.exit") $d"
   elif [ -f "$d/job.pid" ] && kill -0 "$(cat "$d/job.pid")" 2>/dev/null; then echo "RUNNING - $d"
+  elif [ -f "$d/job.exit" ]; then echo "EXITED $(cat "$d/job.exit") $d"
   elif [ -f "$d/job.pid" ]; then echo "LOST - $d"
   else echo "STARTING - $d"; fi
 done'''
@@ -61,7 +64,7 @@ class DirectScheduler:
         self.host = host
 
     def submit(self, spec: JobSpec) -> str:
-        env = f"CUDA_VISIBLE_DEVICES={int(spec.gpu_id)} " if spec.gpu_id is not None else ""
+        env = f"export CUDA_VISIBLE_DEVICES={int(spec.gpu_id)}; " if spec.gpu_id is not None else ""
         inner = _DIRECT_WRAPPER.format(env=env, command=spec.command)
         wd = shlex.quote(str(spec.workdir))
         script = (f"mkdir -p {wd} && cd {wd} && rm -f job.exit job.pid && "

@@ -1,0 +1,60 @@
+import os
+import time
+
+from mqi_celery import runtime
+from mqi_celery.models import CaseStatus
+from mqi_celery.scanner import candidates, is_ready, scan_once
+from tests.casegen import make_case
+
+
+def test_candidates_flat_and_nested(tmp_path):
+    flat = make_case(tmp_path, "study_a")
+    nested = make_case(tmp_path / "G2" / "12345", "study_b")
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+    assert sorted(candidates(tmp_path, 3)) == sorted([flat, nested])
+    assert list(candidates(tmp_path, 1)) == [flat]
+
+
+def test_marker_in_case_or_above_makes_it_ready(tmp_path):
+    case = make_case(tmp_path / "G2" / "12345")
+    assert not is_ready(case, tmp_path, "_CASE_READY", settle_seconds=3600)
+    (tmp_path / "G2" / "12345" / "_CASE_READY").touch()
+    assert is_ready(case, tmp_path, "_CASE_READY", settle_seconds=3600)
+
+
+def test_settle_rule_waits_for_the_last_change(tmp_path):
+    case = make_case(tmp_path)
+    now = time.time()
+    assert not is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now)
+    old = now - 120
+    for root, dirs, files in os.walk(case):
+        for name in dirs + files + [""]:
+            os.utime(os.path.join(root, name), (old, old))
+    assert is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now)
+    (case / "late_file.txt").write_text("still copying")
+    assert not is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now)
+
+
+def test_scan_registers_each_case_once_and_fails_invalid_ones(config_file, monkeypatch):
+    dispatched = []
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", dispatched.append)
+    inbox = runtime.settings().paths.inbox
+    make_case(inbox, "good", marker=True)
+    bad = make_case(inbox, "bad", marker=True)
+    for plan in bad.glob("RP*.dcm"):
+        plan.unlink()
+    make_case(inbox, "not_ready_yet")
+    assert sorted(scan_once()) == ["bad", "good"]
+    assert scan_once() == []
+    store = runtime.store()
+    assert store.get_case("good").status is CaseStatus.QUEUED and dispatched == ["good"]
+    assert store.get_case("bad").status is CaseStatus.FAILED and "no RT plan" in store.get_case("bad").error
+    assert store.get_case("not_ready_yet") is None
+
+
+def test_hostile_folder_names_get_safe_ids(config_file, monkeypatch):
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda cid: None)
+    inbox = runtime.settings().paths.inbox
+    make_case(inbox, "x'; touch pwned; '$(id)", marker=True)
+    [case_id] = scan_once()
+    assert case_id == "x___touch_pwned_____id"

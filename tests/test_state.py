@@ -1,0 +1,78 @@
+"""Statuses, transitions and the state store (SQLite here; PostgreSQL in the integration test)."""
+import threading
+from dataclasses import FrozenInstanceError
+
+import pytest
+
+from mqi_celery import runtime
+from mqi_celery.models import Case, CaseStatus, IllegalTransition, JobStatus
+from mqi_celery.store import NewJob
+
+
+def test_status_names_are_the_designs():
+    assert [s.value for s in CaseStatus] == ["NEW", "QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+    assert [s.value for s in JobStatus] == ["PENDING", "RUNNING", "COMPLETED", "FAILED"]
+
+
+def test_case_is_frozen():
+    case = Case(case_id="c", path="/p", status=CaseStatus.NEW)
+    with pytest.raises(FrozenInstanceError):
+        case.status = CaseStatus.FAILED
+
+
+def test_illegal_transitions_raise(config_file):
+    store = runtime.store()
+    assert store.register_case("c1", "/inbox/c1")
+    with pytest.raises(IllegalTransition, match="case cannot go from NEW to COMPLETED"):
+        store.update_case("c1", status=CaseStatus.COMPLETED)
+    store.update_case("c1", status=CaseStatus.QUEUED)
+    store.add_jobs("c1", [NewJob(2, "1G180:TX", "d2")])
+    with pytest.raises(IllegalTransition, match="job cannot go from PENDING to COMPLETED"):
+        store.update_job("c1", 2, status=JobStatus.COMPLETED)
+    assert store.get_case("c1").status is CaseStatus.QUEUED  # nothing half-written
+
+
+def test_only_from_makes_steps_idempotent(config_file):
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    assert store.update_case("c1", status=CaseStatus.FAILED, error="x",
+                             only_from={CaseStatus.NEW}).status is CaseStatus.FAILED
+    assert store.update_case("c1", status=CaseStatus.QUEUED, only_from={CaseStatus.NEW}) is None
+
+
+def test_racing_registrations_register_a_case_exactly_once(config_file):
+    store = runtime.store()
+    barrier = threading.Barrier(8)
+    wins = []
+
+    def register():
+        barrier.wait()
+        wins.append(store.register_case("same", "/inbox/same"))
+
+    threads = [threading.Thread(target=register) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wins.count(True) == 1 and len(store.list_cases()) == 1
+
+
+def test_add_jobs_twice_keeps_one_job_per_beam(config_file):
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    jobs = [NewJob(2, "a", "d2"), NewJob(3, "b", "d3")]
+    store.add_jobs("c1", jobs)
+    store.add_jobs("c1", jobs)
+    assert [j.beam for j in store.get_case("c1").jobs] == [2, 3]
+
+
+def test_events_are_recorded_in_order(config_file):
+    from mqi_celery import messages
+
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    messages.emit("new_case_found", {"valid": True}, case_id="c1")
+    messages.emit("case_failed", {"reason": "x"}, case_id="c1")
+    events = store.events("c1")
+    assert [e["command"] for e in events] == ["new_case_found", "case_failed"]
+    assert events[0]["payload"] == {"case_id": "c1", "valid": True}
