@@ -1,0 +1,442 @@
+"""Slurm scheduler: one batch job per beam, submitted, polled and cancelled with sbatch,
+squeue, sacct/scontrol and scancel run through a ``Host`` (so it works over SSH).
+
+Every Slurm call is split in two: a command builder (a shell string, every interpolated
+value quoted) and a pure parser of the command's output, tested on captured real output
+(tests/fixtures/slurm). ``SlurmScheduler`` only glues them together.
+
+Where a finished job's exit code comes from: ``sacct`` on clusters with accounting
+(durable), else ``scontrol show job`` (only while slurmctld remembers the job, MinJobAge).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from string import Template
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from .errors import ExecutionError
+from .schedulers import JobSpec, RemoteState
+
+if TYPE_CHECKING:
+    from .hosts import Host
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAME = "job.sbatch"
+LOG_NAME = "job.log"  # the pipeline reads the engine's outcome from this file
+
+DEFAULT_TEMPLATE = """\
+#!/bin/bash
+#SBATCH --job-name=$job_name
+#SBATCH --output=$workdir/job.log
+#SBATCH --chdir=$workdir
+#SBATCH --gres=$gres
+#SBATCH --time=$time_limit
+$partition_line$extra_sbatch
+# One MOQUI run for one treatment beam, written by mqi_celery.
+$setup
+$command
+exit $$?
+"""
+TEMPLATE_FIELDS = {"job_name", "workdir", "partition_line", "extra_sbatch", "gres", "time_limit",
+                   "setup", "command"}
+
+# Options the scheduler sets itself: overriding them would break adoption or log reading.
+_RESERVED_OPTIONS = ("-J", "--job-name", "-o", "--output", "-e", "--error", "-D", "--chdir",
+                     "--wrap", "--parsable")
+_JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_.:,/+=-]+$")
+
+
+class SlurmSettings(BaseModel):
+    """The ``scheduler.slurm`` section. ``setup_lines`` (e.g. ``module load cuda``) go into
+    every batch script verbatim: they are trusted operator configuration, never case data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    partition: str | None = None
+    gres: str = "gpu:1"
+    # None: the engine timeout (engine.timeout_seconds) rounded up to whole minutes.
+    time_limit_minutes: int | None = None
+    extra_sbatch_args: tuple[str, ...] = ()  # e.g. "--account=proton", "--mem=16G"
+    setup_lines: tuple[str, ...] = ()
+    # auto: sacct, falling back to scontrol for good once accounting says it is disabled.
+    state_source: Literal["sacct", "scontrol", "auto"] = "auto"
+    script_template: str = DEFAULT_TEMPLATE
+    command_timeout_seconds: float = 60.0
+
+    @field_validator("partition", "gres")
+    @classmethod
+    def _plain_word(cls, value: str | None) -> str | None:
+        if value is not None and not _SAFE_WORD.match(value):
+            raise ValueError(f"{value!r}: only letters, digits and _.:,/+=- are allowed")
+        return value
+
+    @field_validator("time_limit_minutes")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be a positive number of minutes")
+        return value
+
+    @field_validator("extra_sbatch_args")
+    @classmethod
+    def _sbatch_args(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in args:
+            # sbatch's own #SBATCH parser treats backslashes differently from a shell
+            if not arg.startswith("-") or any(c in arg for c in "\n\r\0\\"):
+                raise ValueError(f"{arg!r} is not a single sbatch option like '--account=NAME'")
+            if arg.split("=", 1)[0] in _RESERVED_OPTIONS:
+                raise ValueError(f"{arg!r}: the scheduler sets this option itself")
+        return args
+
+    @field_validator("setup_lines")
+    @classmethod
+    def _one_line_each(cls, lines: tuple[str, ...]) -> tuple[str, ...]:
+        if any("\n" in line or "\0" in line for line in lines):
+            raise ValueError("each setup line must be a single line")
+        return lines
+
+    @field_validator("script_template")
+    @classmethod
+    def _template(cls, text: str) -> str:
+        template = Template(text)
+        if not template.is_valid():
+            raise ValueError("invalid $-placeholder (write $$ for a literal $)")
+        names = set(template.get_identifiers())
+        if unknown := names - TEMPLATE_FIELDS:
+            raise ValueError(f"unknown placeholders {sorted(unknown)}; known: {sorted(TEMPLATE_FIELDS)}")
+        if missing := {"command", "job_name", "workdir"} - names:
+            raise ValueError(f"must contain {sorted('$' + m for m in missing)}")
+        return text
+
+    @model_validator(mode="after")
+    def _placeholders_used(self) -> "SlurmSettings":
+        names = set(Template(self.script_template).get_identifiers())
+        for field, name in (("extra_sbatch_args", "extra_sbatch"), ("setup_lines", "setup"),
+                            ("partition", "partition_line")):
+            if getattr(self, field) and name not in names:
+                raise ValueError(f"{field} is set but script_template has no ${name}")
+        return self
+
+
+# ---------------------------------------------------------------- batch script
+def _check_text(value: str, what: str, forbidden: str) -> str:
+    if not value or any(c in value for c in forbidden):
+        raise ExecutionError(f"{what} {value!r} cannot be passed to Slurm (empty or contains one of "
+                             f"{forbidden!r})", transient=False)
+    return value
+
+
+def render_batch_script(spec: JobSpec, settings: SlurmSettings) -> str:
+    """The batch script for one beam. Values are shell-quoted: sbatch strips quotes from
+    #SBATCH lines like a shell; '%' (a filename pattern in --output) and backslashes are refused."""
+    name = _check_text(spec.name, "job name", "\n\r\0\\,")  # squeue -n splits at commas
+    workdir = _check_text(str(spec.workdir), "job folder", "\n\r\0\\%")
+    minutes = settings.time_limit_minutes or max(1, math.ceil(spec.time_limit_seconds / 60))
+    extra = "".join(f"#SBATCH {shlex.quote(a)}\n" for a in settings.extra_sbatch_args)
+    return Template(settings.script_template).substitute(
+        job_name=shlex.quote(name), workdir=shlex.quote(workdir), gres=settings.gres,
+        time_limit=str(minutes),
+        partition_line=f"#SBATCH --partition={settings.partition}\n" if settings.partition else "",
+        extra_sbatch=extra, setup="\n".join(settings.setup_lines),
+        command=spec.command,  # already quoted by engine.command_line
+    )
+
+
+def write_script_command(path: PurePosixPath, text: str) -> str:
+    tmp = shlex.quote(f"{path}.tmp")
+    return (f"mkdir -p {shlex.quote(str(path.parent))} && printf '%s' {shlex.quote(text)} > {tmp} "
+            f"&& mv -f {tmp} {shlex.quote(str(path))}")
+
+
+# ---------------------------------------------------------------- commands and parsers
+@dataclass(frozen=True)
+class SlurmJob:
+    job_id: str
+    state: str
+    reason: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    name: str = ""
+
+
+def _ids(ids: list[str]) -> str:
+    bad = [i for i in ids if not _JOB_ID.match(i)]
+    if bad or not ids:
+        raise ValueError(f"not Slurm job ids: {bad or ids!r}")
+    return ",".join(ids)
+
+
+def _state_word(text: str) -> str:
+    # sacct writes "CANCELLED by 1000"; some versions add a "+" to extended states
+    return text.split(" ", 1)[0].rstrip("+").upper()
+
+
+def _exit_pair(text: str) -> tuple[int | None, int | None]:
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def sbatch_command(workdir: PurePosixPath, script_path: PurePosixPath) -> str:
+    return f"cd {shlex.quote(str(workdir))} && sbatch --parsable {shlex.quote(str(script_path))}"
+
+
+def parse_sbatch(stdout: str) -> str:
+    """``123`` or ``123;cluster`` -> ``123``."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    job_id = lines[-1].split(";", 1)[0] if lines else ""
+    if not _JOB_ID.match(job_id):
+        raise ValueError(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
+    return job_id
+
+
+def squeue_command(ids: list[str]) -> str:
+    # -t all: finished jobs stay listed (with their final state) until MinJobAge expires
+    return f"squeue -h -t all -j {_ids(ids)} -o '%i|%T|%r'"
+
+
+def parse_squeue(text: str) -> dict[str, SlurmJob]:
+    jobs = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) == 3 and _JOB_ID.match(parts[0]):
+            jobs[parts[0]] = SlurmJob(parts[0], _state_word(parts[1]), parts[2])
+    return jobs
+
+
+def find_by_name_command(name: str) -> str:
+    # default states only (pending/running/...): a finished job with this name is not adopted
+    return f"squeue -h --me -n {shlex.quote(name)} -o '%i|%T|%j'"
+
+
+def parse_find_by_name(text: str, name: str) -> list[SlurmJob]:
+    found = []
+    for line in text.splitlines():
+        parts = line.rstrip("\n").split("|", 2)  # the name is last: it may contain '|'
+        if len(parts) == 3 and _JOB_ID.match(parts[0]) and parts[2] == name:
+            found.append(SlurmJob(parts[0], _state_word(parts[1]), name=parts[2]))
+    return found
+
+
+def sacct_command(ids: list[str]) -> str:
+    # JobName last for the same reason as above; -X: the allocation only, not its steps
+    return f"sacct -X -n -P -o JobID,State,ExitCode,JobName -j {_ids(ids)}"
+
+
+def parse_sacct(text: str) -> dict[str, SlurmJob]:
+    jobs = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 3)
+        if len(parts) == 4 and _JOB_ID.match(parts[0]):
+            code, sig = _exit_pair(parts[2])
+            # a requeued job has one row per run: the last one is current
+            jobs[parts[0]] = SlurmJob(parts[0], _state_word(parts[1]), "", code, sig, parts[3])
+    return jobs
+
+
+def scontrol_command(job_id: str) -> str:
+    return f"scontrol show job -o {shlex.quote(_ids([job_id]))}"
+
+
+def scontrol_batch_command(ids: list[str]) -> str:
+    """One remote command for several jobs (scontrol show job takes a single id)."""
+    quoted = " ".join(shlex.quote(i) for i in _ids(ids).split(","))
+    return f'for j in {quoted}; do scontrol show job -o "$j"; done'
+
+
+def parse_scontrol(text: str) -> dict[str, SlurmJob]:
+    """``scontrol show job -o`` lines. The job name may contain spaces, so it is taken up to
+    UserId= and the other fields are searched only after it."""
+    jobs = {}
+    for line in text.splitlines():
+        m = re.match(r"JobId=(\S+) JobName=(.*?) UserId=", line.strip())
+        if not m or not _JOB_ID.match(m.group(1)):
+            continue
+        rest = line.strip()[m.end():]
+        state = re.search(r"(?:^|\s)JobState=(\S+)", rest)
+        reason = re.search(r"\sReason=(\S+)", rest)
+        exit_ = re.search(r"\sExitCode=(\S+)", rest)
+        code, sig = _exit_pair(exit_.group(1)) if exit_ else (None, None)
+        jobs[m.group(1)] = SlurmJob(m.group(1), _state_word(state.group(1)) if state else "UNKNOWN",
+                                    reason.group(1) if reason else "", code, sig, m.group(2))
+    return jobs
+
+
+def scancel_command(job_id: str) -> str:
+    return f"scancel {shlex.quote(_ids([job_id]))}"
+
+
+# ---------------------------------------------------------------- states
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
+                 "SPECIAL_EXIT", "RESV_DEL_HOLD"}
+# Ended through no fault of the case: worth resubmitting.
+TRANSIENT_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
+# Ended for good; resubmitting the same job would end the same way.
+PERMANENT_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "DEADLINE",
+                    "REVOKED", "MISSING"}
+MISSING = RemoteState("MISSING", True, None)
+
+
+def state_to_remote(state: str, exit_code: int | None = None, signal: int | None = None) -> RemoteState:
+    """Slurm's view of a job -> the pipeline's. Only COMPLETED and FAILED carry an exit code:
+    after TIMEOUT, CANCELLED, ... the code is Slurm's kill, not the engine's verdict."""
+    state = _state_word(state)
+    if state in ACTIVE_STATES:
+        return RemoteState(state, False)
+    if state == "COMPLETED":
+        return RemoteState(state, True, 0)
+    if state == "FAILED":
+        # 0:0 (launch failure) or 0:SIG (script killed) must never read as success
+        return RemoteState(state, True, exit_code if exit_code and not signal else None)
+    if state in PERMANENT_STATES or state in TRANSIENT_STATES:
+        return RemoteState(state, True, None)
+    return RemoteState(state, False)  # unknown word: keep polling; the pipeline's timeout is the backstop
+
+
+_REASONS = {
+    "TIMEOUT": "Slurm job hit its time limit (TIMEOUT)",
+    "CANCELLED": "Slurm job was cancelled (CANCELLED)",
+    "OUT_OF_MEMORY": "Slurm job ran out of memory (OUT_OF_MEMORY)",
+    "NODE_FAIL": "the compute node failed during the job (NODE_FAIL)",
+    "PREEMPTED": "Slurm job was preempted by another job (PREEMPTED)",
+    "BOOT_FAIL": "the compute node failed to boot (BOOT_FAIL)",
+    "DEADLINE": "Slurm job missed its deadline (DEADLINE)",
+    "MISSING": "Slurm no longer knows the job (MISSING): it was purged or never ran",
+}
+
+
+def reason_for(state: str, exit_code: int | None) -> str:
+    """What happened, in words a physicist can act on."""
+    state = _state_word(state)
+    if state in ("COMPLETED", "FAILED") and exit_code is not None:
+        return f"engine exited with code {exit_code} (Slurm {state})"
+    if state == "FAILED":
+        return "Slurm job failed before the engine could report an exit code (FAILED)"
+    return _REASONS.get(state, f"Slurm job ended in state {state}")
+
+
+# ---------------------------------------------------------------- errors
+_TRANSIENT_MARKERS = ("unable to contact slurm controller", "socket timed out", "connection refused",
+                      "connection timed out", "connection reset", "connect failure",
+                      "zero bytes were transmitted", "temporarily unable", "temporarily unavailable",
+                      "backup controller in standby", "communication connection failure",
+                      "no route to host", "network is unreachable", "slurmdbd", "ssh:")
+_NOT_FOUND_MARKERS = ("invalid job id", "already completing or completed")
+
+
+def _is_transient(text: str) -> bool:
+    return any(m in text.lower() for m in _TRANSIENT_MARKERS)
+
+
+def _error(what: str, host: str, text: str, transient: bool | None = None) -> ExecutionError:
+    text = text.strip()[:300]
+    return ExecutionError(f"{what} on {host} failed: {text or 'no output'}",
+                          transient=_is_transient(text) if transient is None else transient)
+
+
+# ---------------------------------------------------------------- scheduler
+class SlurmScheduler:
+    kind = "slurm"
+
+    def __init__(self, host: "Host", settings: SlurmSettings | None = None,
+                 job_dir_root: PurePosixPath | None = None):
+        self.host = host
+        self.settings = settings or SlurmSettings()
+        self.job_dir_root = PurePosixPath(job_dir_root or host.root)
+        self._accounting = settings is None or self.settings.state_source != "scontrol"
+
+    def _run(self, command: str):
+        return self.host.run(command, timeout=self.settings.command_timeout_seconds)
+
+    def find_job(self, name: str) -> str | None:
+        """A live (pending/running) job of ours with exactly this name, oldest first."""
+        r = self._run(find_by_name_command(name))
+        if r.returncode != 0:
+            raise _error("squeue -n", self.host.name, r.stderr or r.stdout, transient=True)
+        jobs = [j for j in parse_find_by_name(r.stdout, name) if j.state in ACTIVE_STATES]
+        return min(jobs, key=lambda j: [int(p) for p in j.job_id.split("_")]).job_id if jobs else None
+
+    def submit(self, spec: JobSpec) -> str:
+        workdir = PurePosixPath(spec.workdir)
+        if not workdir.is_relative_to(self.job_dir_root) or ".." in workdir.parts:
+            raise ExecutionError(f"job folder {workdir} is outside {self.job_dir_root}", transient=False)
+        script = render_batch_script(spec, self.settings)  # validates name and folder first
+        # A retried task must not start a second run of the same beam: adopt the live one.
+        if existing := self.find_job(spec.name):
+            log.info("adopting Slurm job %s for %s", existing, spec.name)
+            return existing
+        path = workdir / SCRIPT_NAME
+        r = self._run(write_script_command(path, script))
+        if r.returncode != 0:
+            raise _error(f"writing {path}", self.host.name, r.stderr, transient=True)
+        r = self._run(sbatch_command(workdir, path))
+        if r.returncode != 0:  # transient if slurmctld is unreachable; a rejection is final
+            raise _error(f"sbatch {spec.name}", self.host.name, r.stderr or r.stdout)
+        try:
+            return parse_sbatch(r.stdout)
+        except ValueError as exc:  # maybe submitted anyway: a retry adopts it by name
+            raise ExecutionError(f"sbatch {spec.name} on {self.host.name}: {exc}", transient=True) from None
+
+    def poll(self, jobs: dict[str, PurePosixPath]) -> dict[str, RemoteState]:
+        ids = [i for i in jobs if _JOB_ID.match(i)]
+        states = {i: MISSING for i in jobs if i not in ids}  # not a Slurm id: never success
+        if not ids:
+            return states
+        r = self._run(squeue_command(ids))
+        out = r.stderr + r.stdout
+        if r.returncode != 0 and "invalid job id" not in out.lower():  # a single unknown id -> rc 1
+            raise _error("squeue", self.host.name, out, transient=True)
+        queued = parse_squeue(r.stdout)
+        # The exit code of a failed job and the fate of a forgotten one come from sacct/scontrol.
+        need = []
+        for i in ids:
+            job = queued.get(i)
+            if job is None or job.state == "FAILED":
+                need.append(i)
+            else:
+                states[i] = state_to_remote(job.state)
+        details = self._details(need) if need else {}
+        for i in need:
+            if i in details:
+                d = details[i]
+                states[i] = state_to_remote(d.state, d.exit_code, d.signal)
+            elif i in queued:  # accounting lags behind slurmctld: ask again next poll
+                states[i] = RemoteState(queued[i].state, False)
+            else:
+                states[i] = MISSING
+        return states
+
+    def _details(self, ids: list[str]) -> dict[str, SlurmJob]:
+        if self._accounting:
+            r = self._run(sacct_command(ids))
+            text = r.stderr + r.stdout
+            if r.returncode == 0:
+                return parse_sacct(r.stdout)
+            if self.settings.state_source == "sacct":
+                raise _error("sacct", self.host.name, text, transient=True)
+            if "accounting storage is disabled" in text.lower():
+                log.info("Slurm accounting is disabled on %s: final states come from scontrol", self.host.name)
+                self._accounting = False
+            else:
+                log.warning("sacct on %s failed (%s); asking scontrol", self.host.name, text.strip()[:200])
+        r = self._run(scontrol_batch_command(ids))
+        if _is_transient(r.stderr):  # rc alone says nothing: it is the last id's, maybe unknown
+            raise _error("scontrol show job", self.host.name, r.stderr, transient=True)
+        return parse_scontrol(r.stdout)
+
+    def cancel(self, remote_id: str, workdir: PurePosixPath) -> None:
+        if not _JOB_ID.match(remote_id):
+            raise ExecutionError(f"not a Slurm job id: {remote_id!r}", transient=False)
+        r = self._run(scancel_command(remote_id))
+        text = r.stderr + r.stdout
+        if r.returncode != 0 and not any(m in text.lower() for m in _NOT_FOUND_MARKERS):
+            raise _error(f"scancel {remote_id}", self.host.name, text)
