@@ -20,7 +20,7 @@ def compose_schema():
 
 def test_compose_file_is_valid(compose_schema):
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    jsonschema.validate(compose, compose_schema)
+    jsonschema.Draft201909Validator(compose_schema).validate(compose)
     services = compose["services"]
     assert {"rabbitmq", "postgres", "core", "transfer", "execute", "beat", "flower"} <= set(services)
     # Every queue is consumed by some worker; exactly one beat.
@@ -36,7 +36,7 @@ def test_schema_rejects_a_misspelt_key(compose_schema):
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     compose["services"]["core"]["comand"] = ["worker"]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(compose, compose_schema)
+        jsonschema.Draft201909Validator(compose_schema).validate(compose)
 
 
 def test_dockerfile_copies_existing_files():
