@@ -149,7 +149,9 @@ def fail_case(case_id: str, reason: str) -> bool:
 
 
 def cancel_case(case_id: str) -> bool:
-    return fail_case(case_id, "cancelled")
+    case = runtime.store().get_case(case_id)
+    with logs.bound(case.trace_id if case else None):
+        return fail_case(case_id, "cancelled")
 
 
 def retry_case(case_id: str) -> Case:
@@ -160,6 +162,12 @@ def retry_case(case_id: str) -> Case:
         raise KeyError(case_id)
     if case.status not in TERMINAL_CASE:
         raise MQIError(f"case {case_id} is {case.status.value}; only COMPLETED or FAILED cases can be retried")
+    with logs.bound(case.trace_id):
+        return _retry(case)
+
+
+def _retry(case: Case) -> Case:
+    store, case_id = runtime.store(), case.case_id
     messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
     if case.step == "validation":  # the folder may have been fixed: validate it again
         from .scanner import admit

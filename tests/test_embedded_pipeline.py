@@ -156,6 +156,7 @@ def test_engine_failures_fail_the_beam_keep_other_results_and_retry(embedded, fa
     case = run.wait_case("fail_exit", statuses=("COMPLETED",), timeout=60)
     assert_completed_with_results(run, case)
     assert [e["command"] for e in case["events"]].count("case_retried") == 1
+    assert {e["correlation_id"] for e in case["events"]} == {case["correlation_id"]}
 
 
 def test_cancel_stops_a_running_case(embedded, failing_engine):
@@ -171,6 +172,7 @@ def test_cancel_stops_a_running_case(embedded, failing_engine):
                30, what="beam 3 running")
     cancelled = run.mqi_json("cases", "cancel", "to_cancel")
     assert cancelled["status"] == "FAILED" and cancelled["error"] == "cancelled"
+    assert run.mqi_json("cases", "show", "to_cancel")["events"][-1]["correlation_id"] == cancelled["correlation_id"]
     case = run.wait_case("to_cancel", timeout=30)
     assert case["status"] == "FAILED" and case["error"] == "cancelled"
     hung = next(j for j in case["jobs"] if j["beam"] == 3)

@@ -58,3 +58,21 @@ def test_hostile_folder_names_get_safe_ids(config_file, monkeypatch):
     make_case(inbox, "x'; touch pwned; '$(id)", marker=True)
     [case_id] = scan_once()
     assert case_id == "x___touch_pwned_____id"
+
+
+def test_retry_validates_a_fixed_case_again(config_file, monkeypatch):
+    from mqi_celery.conductor import retry_case
+
+    dispatched = []
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", dispatched.append)
+    inbox = runtime.settings().paths.inbox
+    case = make_case(inbox, "fixable", marker=True)
+    plan = next(case.glob("RP*.dcm"))
+    saved = plan.read_bytes()
+    plan.unlink()
+    scan_once()
+    assert runtime.store().get_case("fixable").status is CaseStatus.FAILED
+    plan.write_bytes(saved)  # the physicist puts the plan back
+    fixed = retry_case("fixable")
+    assert fixed.status is CaseStatus.QUEUED and fixed.error is None and dispatched == ["fixable"]
+    assert [j.beam for j in fixed.jobs] == [2, 3, 4]
