@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -172,6 +173,10 @@ def scan():
         console.print(f"registered {case_id}")
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 @app.command("run")
 def run(live: bool = typer.Option(True, help="Live table of cases (off: one line per change).")):
     """The embedded all-in-one: a worker on every queue with beat, and a live view of cases."""
@@ -182,6 +187,8 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
     for folder in (settings.paths.inbox, settings.paths.results, settings.paths.work, settings.paths.logs):
         folder.mkdir(parents=True, exist_ok=True)
     worker = Supervised(worker_command(settings), settings.paths.logs / "worker.log", dict(os.environ))
+    # SIGTERM (systemd, `kill`) stops as cleanly as Ctrl-C: the worker must not outlive us.
+    signal.signal(signal.SIGTERM, _interrupt)
     worker.start()
     console.print(f"[bold]mqi-celery is running[/bold] ({settings.source}).\n"
                   f"  Drop a case folder into   {settings.paths.inbox}/\n"

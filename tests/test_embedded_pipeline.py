@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from tests.casegen import STUDY_UID, make_case, set_beam_number
+from tests.conftest import poll_until
 
 PATIENT_NAME = "ANONYMIZED"  # the plan's patient name: must never reach a log or an event
 
@@ -166,7 +167,6 @@ def test_cancel_stops_a_running_case(embedded, failing_engine):
     (case_dir / "FAIL_MODE").write_text("hang")
     (case_dir / "_CASE_READY").touch()
     run.wait_case("to_cancel", statuses=("PROCESSING",), timeout=60)
-    from tests.conftest import poll_until
 
     poll_until(lambda: any(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "to_cancel")["jobs"]),
                30, what="beam 3 running")
@@ -187,3 +187,21 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_sigterm_stops_the_worker_too(embedded):
+    import os
+    import signal
+
+    run = embedded()
+    worker_pid = poll_until(lambda: _child_pids(run.proc.pid), 30, what="the worker to start")[0]
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(60) == 0
+    poll_until(lambda: not _alive(worker_pid), 30, what="the worker to stop")
+    assert "stopped." in (run.folder / "run.out").read_text()
+
+
+def _child_pids(pid: int) -> list[int]:
+    import pathlib
+
+    return [int(p) for p in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
