@@ -50,8 +50,7 @@ def dispatch(case_id: str) -> None:
 def verify_results(self, case_id: str) -> str:
     """Results on disk are those downloaded (hash) and readable dose files."""
     store = runtime.store()
-    case = store.update_case(case_id, step="verifying", only_from={CaseStatus.PROCESSING})
-    if case is None:
+    if store.begin_step(case_id, "verifying") is None:
         return "skipped: case no longer active"
     folder = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:

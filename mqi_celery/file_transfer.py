@@ -94,8 +94,7 @@ def upload_case(self, case_id: str) -> str:
 def download_results(self, case_id: str) -> str:
     """Chord body: fetch the results of every beam that completed (failed beams have none)."""
     store, host = runtime.store(), runtime.host()
-    case = store.update_case(case_id, step="downloading", only_from={CaseStatus.PROCESSING})
-    if case is None:
+    if store.begin_step(case_id, "downloading") is None:
         return "skipped: case no longer active"
     local_dir = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:

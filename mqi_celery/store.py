@@ -110,19 +110,28 @@ class Store:
                     only_from: Iterable[CaseStatus] | None = None, **fields: Any) -> Case | None:
         """Change a case; with ``only_from`` it is a no-op (None) unless the case is in one of
         those statuses — the way idempotent steps skip work that is already done."""
+        row = self._update(db.CaseRow, (db.CaseRow.case_id == case_id,), "case", CaseStatus, status,
+                           only_from, fields)
+        return None if row is None else _case(row)
+
+    def begin_step(self, case_id: str, step: str) -> Case | None:
+        """Record the step a PROCESSING case is in; None if the case stopped meanwhile."""
+        return self.update_case(case_id, step=step, only_from={CaseStatus.PROCESSING})
+
+    def _update(self, model, where, kind, status_type, status, only_from, fields):
         with self.session() as s:
-            row = self._lock(s, db.CaseRow, db.CaseRow.case_id == case_id).one()
-            current = CaseStatus(row.status)
+            row = self._lock(s, model, *where).one()
+            current = status_type(row.status)
             if only_from is not None and current not in set(only_from):
                 return None
             if status is not None:
-                check_transition("case", current, status)
+                check_transition(kind, current, status)
                 row.status = status.value
             for key, value in fields.items():
                 setattr(row, key, value)
             row.updated_at = db.utcnow()
             s.flush()
-            return _case(row)
+            return row
 
     # --- jobs --------------------------------------------------------------------------
     def add_jobs(self, case_id: str, jobs: Iterable[NewJob]) -> None:
@@ -142,19 +151,9 @@ class Store:
 
     def update_job(self, case_id: str, beam: int, *, status: JobStatus | None = None,
                    only_from: Iterable[JobStatus] | None = None, **fields: Any) -> Job | None:
-        with self.session() as s:
-            row = self._lock(s, db.JobRow, db.JobRow.case_id == case_id, db.JobRow.beam == beam).one()
-            current = JobStatus(row.status)
-            if only_from is not None and current not in set(only_from):
-                return None
-            if status is not None:
-                check_transition("job", current, status)
-                row.status = status.value
-            for key, value in fields.items():
-                setattr(row, key, value)
-            row.updated_at = db.utcnow()
-            s.flush()
-            return _job(row)
+        row = self._update(db.JobRow, (db.JobRow.case_id == case_id, db.JobRow.beam == beam), "job",
+                           JobStatus, status, only_from, fields)
+        return None if row is None else _job(row)
 
     def active_jobs(self) -> list[Job]:
         """Jobs handed to a scheduler and not yet seen to finish: what the poller asks about."""
