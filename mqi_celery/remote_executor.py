@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 
-from . import engine, messages, runtime
+from . import engine, faults, messages, runtime
 from .celery_app import app
 from .db import utcnow
 from .errors import MQIError
@@ -72,7 +72,8 @@ def submit_job(self, case_id: str, beam: int) -> str:
                    command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
                                                job_dir=job_dir),
                    gpu_id=job.gpu_id, time_limit_seconds=settings.engine.timeout_seconds)
-    remote_id = scheduler.submit(spec)
+    remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
+    faults.point("after_submit")  # crash tests: die between the submit and the database write
     store.update_job(case_id, beam, status=JobStatus.RUNNING, step="submitted", scheduler=scheduler.kind,
                      remote_id=remote_id, remote_state=None, exit_code=None, submitted_at=utcnow(),
                      finished_at=None, error=None)

@@ -67,7 +67,10 @@ class DirectScheduler:
         env = f"export CUDA_VISIBLE_DEVICES={int(spec.gpu_id)}; " if spec.gpu_id is not None else ""
         inner = _DIRECT_WRAPPER.format(env=env, command=spec.command)
         wd = shlex.quote(str(spec.workdir))
-        script = (f"mkdir -p {wd} && cd {wd} && rm -f job.exit job.pid && "
+        # A live run from an earlier delivery of this submit is adopted, not started twice.
+        script = (f"mkdir -p {wd} && cd {wd} && if [ -s job.pid ] && [ ! -f job.exit ] && "
+                  f"kill -0 \"$(cat job.pid)\" 2>/dev/null; then cat job.pid; exit 0; fi; "
+                  f"rm -f job.exit job.pid && "
                   f"(setsid nohup sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &) && "
                   f"for i in $(seq 100); do [ -s job.pid ] && break; sleep 0.05; done; cat job.pid")
         result = self.host.run(script, timeout=30)

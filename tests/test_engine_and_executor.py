@@ -124,3 +124,13 @@ def test_local_host_refuses_paths_outside_its_root(tmp_path):
     with pytest.raises(TransferError, match="outside the remote root"):
         host.write_text(PurePosixPath(tmp_path / "remote" / ".." / "escape.txt"), "x")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_direct_submit_adopts_a_live_run_of_the_same_job(tmp_path):
+    sched = DirectScheduler(LocalHost(tmp_path))
+    spec = JobSpec("mqi-c-2", PurePosixPath(tmp_path / "j"), "sleep 300", None, 60)
+    first = sched.submit(spec)
+    assert sched.submit(spec) == first  # redelivered submit: same process, not a second one
+    sched.cancel(first, spec.workdir)
+    poll_until(lambda: sched.poll({first: spec.workdir})[first].finished, 10, what="the run to stop")
+    assert sched.submit(spec) != first  # a finished run is not adopted
