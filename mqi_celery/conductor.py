@@ -177,7 +177,8 @@ def _retry(case: Case) -> Case:
     for job in case.jobs:
         if job.status is JobStatus.FAILED:
             store.update_job(case_id, job.beam, status=JobStatus.PENDING, error=None, step=None, remote_id=None,
-                             remote_state=None, exit_code=None, submitted_at=None, finished_at=None, results={})
+                             remote_state=None, exit_code=None, submitted_at=None, started_at=None,
+                             finished_at=None, resubmits=0, results={})
     store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1)
     dispatch(case_id)
     return store.get_case(case_id)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .slurm import SlurmSettings
 
 
 class Section(BaseModel):
@@ -70,8 +71,9 @@ class Transport(Section):
 
 
 class Scheduler(Section):
-    kind: Literal["direct"] = "direct"
+    kind: Literal["direct", "slurm"] = "direct"
     poll_interval_seconds: float = Field(2.0, gt=0)
+    slurm: SlurmSettings = SlurmSettings()  # used when kind is slurm
 
 
 class Phantom(Section):

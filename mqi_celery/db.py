@@ -57,6 +57,8 @@ class JobRow(Base):
     gpu_id: Mapped[int | None] = mapped_column(Integer)
     results: Mapped[dict] = mapped_column(JSON, default=dict)  # file name -> sha256
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    resubmits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 

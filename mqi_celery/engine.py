@@ -66,14 +66,16 @@ def command_line(engine: Engine, *, input_file: PurePosixPath, job_dir: PurePosi
     return shlex.join(w.format(input_file=input_file, job_dir=job_dir) for w in words)
 
 
-def outcome(exit_code: int | None, log_tail: str, outputs: list[str], output_format: str) -> str | None:
-    """None when the run succeeded, else the reason in words."""
+def outcome(exit_code: int | None, log_tail: str, outputs: list[str], output_format: str,
+            no_exit_code_reason: str = "engine stopped without an exit code (killed or lost)") -> str | None:
+    """None when the run succeeded, else the reason in words. ``no_exit_code_reason`` is the
+    scheduler's word for a run that ended without an exit code (e.g. Slurm TIMEOUT)."""
     lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
     marker = next((line for line in lines if any(m in line for m in FAILURE_MARKERS)), None)
     if exit_code not in (0, None) and marker is None and lines:
         marker = lines[-1]  # e.g. "sh: 1: moqui: not found"
     if exit_code is None:
-        return "engine stopped without an exit code (killed or lost)" + (f": {marker}" if marker else "")
+        return no_exit_code_reason + (f": {marker}" if marker else "")
     if exit_code != 0:
         return f"engine exited with code {exit_code}" + (f": {marker}" if marker else "")
     if marker:

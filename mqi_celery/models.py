@@ -75,6 +75,8 @@ class Job:
     gpu_id: int | None = None
     results: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    resubmits: int = 0
     finished_at: datetime | None = None
 
 

@@ -60,53 +60,74 @@ def prepare_input(self, case_id: str, beam: int) -> str:
 
 @app.task(name="mqi.submit_job", base=PipelineTask, bind=True)
 def submit_job(self, case_id: str, beam: int) -> str:
-    store = runtime.store()
     if _active_case(case_id) is None:
         return "skipped: case no longer active"
-    job = store.get_job(case_id, beam)
+    job = runtime.store().get_job(case_id, beam)
     if job.status is not JobStatus.PENDING:  # a redelivered submit must not start a second run
         return f"skipped: job is {job.status.value}"
+    return _submit(case_id, beam, job.gpu_id, status=JobStatus.RUNNING)
+
+
+def _submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     settings, host, scheduler = runtime.settings(), runtime.host(), runtime.scheduler()
     job_dir = remote_job_dir(host.root, case_id, beam)
     spec = JobSpec(name=f"mqi-{case_id}-{beam}", workdir=job_dir,
                    command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
                                                job_dir=job_dir),
-                   gpu_id=job.gpu_id, time_limit_seconds=settings.engine.timeout_seconds)
+                   gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds)
     remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
     faults.point("after_submit")  # crash tests: die between the submit and the database write
-    store.update_job(case_id, beam, status=JobStatus.RUNNING, step="submitted", scheduler=scheduler.kind,
-                     remote_id=remote_id, remote_state=None, exit_code=None, submitted_at=utcnow(),
-                     finished_at=None, error=None)
-    store.update_case(case_id, step="running")
+    runtime.store().update_job(case_id, beam, step="submitted", scheduler=scheduler.kind, remote_id=remote_id,
+                               remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
+                               finished_at=None, error=None, **fields)
+    runtime.store().update_case(case_id, step="running")
     messages.emit("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
-                                        "host": host.name, "gpu": job.gpu_id}, case_id=case_id)
+                                        "host": host.name, "gpu": gpu_id}, case_id=case_id)
     return remote_id
+
+
+def _deadline_passed(job, scheduler, settings) -> bool:
+    """The engine's time counts from its start (queue time is not its fault). Where the
+    scheduler enforces the limit itself, ours is a backstop a little later."""
+    start = job.started_at or (None if scheduler.enforces_time_limit else job.submitted_at)
+    if start is None:
+        return False
+    limit = settings.engine.timeout_seconds
+    if scheduler.enforces_time_limit:
+        limit += 60 + 2 * settings.scheduler.poll_interval_seconds
+    return utcnow() - start > timedelta(seconds=limit)
 
 
 @app.task(name="mqi.wait_for_job", base=PipelineTask, bind=True, max_retries=None, polling=True)
 def wait_for_job(self, case_id: str, beam: int) -> str:
     """Returns the beam's final JobStatus; never raises for an engine failure, so the other
     beams of the chord and the download of their results go on."""
-    store, settings = runtime.store(), runtime.settings()
+    store, settings, scheduler = runtime.store(), runtime.settings(), runtime.scheduler()
     job = store.get_job(case_id, beam)
     if job.status in (JobStatus.COMPLETED, JobStatus.FAILED) or _active_case(case_id) is None:
         return job.status.value
     host = runtime.host()
+    job_dir = remote_job_dir(host.root, case_id, beam)
     if job.finished_at is None:
-        limit = settings.engine.timeout_seconds
-        if not (job.submitted_at and utcnow() - job.submitted_at > timedelta(seconds=limit)):
+        if not _deadline_passed(job, scheduler, settings):
             raise self.retry(countdown=settings.scheduler.poll_interval_seconds, max_retries=None)
         # Past the deadline: ask once more (the poller may just not have come by), then kill.
-        job_dir = remote_job_dir(host.root, case_id, beam)
-        state = runtime.scheduler().poll({job.remote_id: job_dir}).get(job.remote_id)
+        state = scheduler.poll({job.remote_id: job_dir}).get(job.remote_id)
         if state is None or not state.finished:
-            runtime.scheduler().cancel(job.remote_id, job_dir)
+            scheduler.cancel(job.remote_id, job_dir)
+            limit = settings.engine.timeout_seconds
             return _finish(case_id, beam, f"engine did not finish within {limit:g} s (timeout); job killed")
         job = store.update_job(case_id, beam, remote_state=state.state, exit_code=state.exit_code,
                                finished_at=utcnow())
-    log_tail = host.read_tail(remote_job_dir(host.root, case_id, beam) / "job.log")
+    if job.remote_state in scheduler.transient_states and job.resubmits < settings.retry.max_retries:
+        log.warning("beam %s of %s ended %s (not the engine's fault); submitting again", beam, case_id,
+                    job.remote_state)
+        _submit(case_id, beam, job.gpu_id, resubmits=job.resubmits + 1)
+        raise self.retry(countdown=settings.scheduler.poll_interval_seconds, max_retries=None)
+    log_tail = host.read_tail(job_dir / "job.log")
     outputs = host.list_files(remote_output_dir(host.root, case_id, beam))
-    return _finish(case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format))
+    return _finish(case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format,
+                                                 scheduler.reason_for(job.remote_state or "", job.exit_code)))
 
 
 def _finish(case_id: str, beam: int, failure: str | None) -> str:
@@ -126,13 +147,12 @@ def _finish(case_id: str, beam: int, failure: str | None) -> str:
 @app.task(name="mqi.poll_jobs", ignore_result=True)
 def poll_jobs() -> int:
     """One scheduler query for all active jobs of the host; records finished ones."""
-    store, host = runtime.store(), runtime.host()
-    active = store.active_jobs()
+    store, host, scheduler = runtime.store(), runtime.host(), runtime.scheduler()
+    active = [j for j in store.active_jobs() if j.scheduler == scheduler.kind]
     if not active:
         return 0
     try:
-        states = runtime.scheduler().poll({j.remote_id: remote_job_dir(host.root, j.case_id, j.beam)
-                                           for j in active})
+        states = scheduler.poll({j.remote_id: remote_job_dir(host.root, j.case_id, j.beam) for j in active})
     except MQIError as exc:
         log.warning("polling %d job(s) on %s failed: %s", len(active), host.name, exc)
         return 0
@@ -141,6 +161,8 @@ def poll_jobs() -> int:
         if state is None:
             continue
         fields = {"remote_state": state.state}
+        if job.started_at is None and (state.state == "RUNNING" or state.finished):
+            fields["started_at"] = utcnow()
         if state.finished:
             fields.update(exit_code=state.exit_code, finished_at=utcnow())
         store.update_job(job.case_id, job.beam, only_from={JobStatus.RUNNING}, **fields)

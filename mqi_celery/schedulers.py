@@ -9,11 +9,13 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .config import Settings
 from .errors import ConfigError, ExecutionError
-from .hosts import Host
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .hosts import Host
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,12 @@ class RemoteState:
 
 class Scheduler(Protocol):
     kind: str
+    #: The scheduler kills a run at its time limit itself (then our deadline is a backstop).
+    enforces_time_limit: ClassVar[bool]
+    #: Final states worth submitting again (the node failed, not the engine).
+    transient_states: ClassVar[frozenset[str]]
+
+    def reason_for(self, state: str, exit_code: int | None) -> str: ...
 
     def submit(self, spec: JobSpec) -> str: ...
     def poll(self, jobs: dict[str, PurePosixPath]) -> dict[str, RemoteState]: ...
@@ -59,9 +67,16 @@ class DirectScheduler:
     """Runs the engine as a plain process on the host (a GPU workstation without Slurm)."""
 
     kind = "direct"
+    enforces_time_limit = False
+    transient_states: frozenset[str] = frozenset()
 
     def __init__(self, host: Host):
         self.host = host
+
+    def reason_for(self, state: str, exit_code: int | None) -> str:
+        if exit_code is not None:
+            return f"engine exited with code {exit_code}"
+        return "engine stopped without an exit code (killed, or the host restarted)"
 
     def submit(self, spec: JobSpec) -> str:
         env = f"export CUDA_VISIBLE_DEVICES={int(spec.gpu_id)}; " if spec.gpu_id is not None else ""
@@ -118,4 +133,8 @@ def parse_direct_poll(text: str) -> dict[str, RemoteState]:
 def make_scheduler(settings: Settings, host: Host) -> Scheduler:
     if settings.scheduler.kind == "direct":
         return DirectScheduler(host)
+    if settings.scheduler.kind == "slurm":
+        from .slurm import SlurmScheduler  # here: slurm imports this module
+
+        return SlurmScheduler(host, settings.scheduler.slurm, job_dir_root=host.root)
     raise ConfigError(f"scheduler.kind {settings.scheduler.kind!r} is not supported")

@@ -17,9 +17,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from string import Template
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ExecutionError
 from .schedulers import JobSpec, RemoteState
@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCRIPT_NAME = "job.sbatch"
-LOG_NAME = "job.log"  # the pipeline reads the engine's outcome from this file
 
+# Values arrive shell-quoted; $partition_line and $extra_sbatch are whole "#SBATCH ..." lines
+# or nothing. --output must stay <workdir>/job.log: the pipeline judges the run from it.
 DEFAULT_TEMPLATE = """\
 #!/bin/bash
 #SBATCH --job-name=$job_name
@@ -52,7 +53,12 @@ TEMPLATE_FIELDS = {"job_name", "workdir", "partition_line", "extra_sbatch", "gre
 _RESERVED_OPTIONS = ("-J", "--job-name", "-o", "--output", "-e", "--error", "-D", "--chdir",
                      "--wrap", "--parsable")
 _JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
-_SAFE_WORD = re.compile(r"^[A-Za-z0-9_.:,/+=-]+$")
+
+
+SafeWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:,/+=-]+$")]  # no spaces, no shell syntax
+# One sbatch option; sbatch's #SBATCH parser treats backslashes unlike a shell, so none.
+SbatchArg = Annotated[str, Field(pattern=r"^-[^\n\r\x00\\]+$")]
+OneLine = Annotated[str, Field(pattern=r"^[^\n\r\x00]*$")]
 
 
 class SlurmSettings(BaseModel):
@@ -61,69 +67,37 @@ class SlurmSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    partition: str | None = None
-    gres: str = "gpu:1"
+    partition: SafeWord | None = None
+    gres: SafeWord = "gpu:1"
     # None: the engine timeout (engine.timeout_seconds) rounded up to whole minutes.
-    time_limit_minutes: int | None = None
-    extra_sbatch_args: tuple[str, ...] = ()  # e.g. "--account=proton", "--mem=16G"
-    setup_lines: tuple[str, ...] = ()
-    # auto: sacct, falling back to scontrol for good once accounting says it is disabled.
+    time_limit_minutes: int | None = Field(None, gt=0)
+    extra_sbatch_args: tuple[SbatchArg, ...] = ()  # e.g. "--account=proton", "--mem=16G"
+    setup_lines: tuple[OneLine, ...] = ()
+    # auto: sacct, falling back to scontrol for good once sacct says accounting is disabled.
     state_source: Literal["sacct", "scontrol", "auto"] = "auto"
     script_template: str = DEFAULT_TEMPLATE
-    command_timeout_seconds: float = 60.0
-
-    @field_validator("partition", "gres")
-    @classmethod
-    def _plain_word(cls, value: str | None) -> str | None:
-        if value is not None and not _SAFE_WORD.match(value):
-            raise ValueError(f"{value!r}: only letters, digits and _.:,/+=- are allowed")
-        return value
-
-    @field_validator("time_limit_minutes")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
-            raise ValueError("must be a positive number of minutes")
-        return value
+    command_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("extra_sbatch_args")
     @classmethod
-    def _sbatch_args(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+    def _not_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
         for arg in args:
-            # sbatch's own #SBATCH parser treats backslashes differently from a shell
-            if not arg.startswith("-") or any(c in arg for c in "\n\r\0\\"):
-                raise ValueError(f"{arg!r} is not a single sbatch option like '--account=NAME'")
             if arg.split("=", 1)[0] in _RESERVED_OPTIONS:
                 raise ValueError(f"{arg!r}: the scheduler sets this option itself")
         return args
 
-    @field_validator("setup_lines")
-    @classmethod
-    def _one_line_each(cls, lines: tuple[str, ...]) -> tuple[str, ...]:
-        if any("\n" in line or "\0" in line for line in lines):
-            raise ValueError("each setup line must be a single line")
-        return lines
-
-    @field_validator("script_template")
-    @classmethod
-    def _template(cls, text: str) -> str:
-        template = Template(text)
-        if not template.is_valid():
-            raise ValueError("invalid $-placeholder (write $$ for a literal $)")
-        names = set(template.get_identifiers())
-        if unknown := names - TEMPLATE_FIELDS:
-            raise ValueError(f"unknown placeholders {sorted(unknown)}; known: {sorted(TEMPLATE_FIELDS)}")
-        if missing := {"command", "job_name", "workdir"} - names:
-            raise ValueError(f"must contain {sorted('$' + m for m in missing)}")
-        return text
-
     @model_validator(mode="after")
-    def _placeholders_used(self) -> "SlurmSettings":
-        names = set(Template(self.script_template).get_identifiers())
-        for field, name in (("extra_sbatch_args", "extra_sbatch"), ("setup_lines", "setup"),
-                            ("partition", "partition_line")):
-            if getattr(self, field) and name not in names:
-                raise ValueError(f"{field} is set but script_template has no ${name}")
+    def _template_fits(self) -> "SlurmSettings":
+        template = Template(self.script_template)
+        names = set(template.get_identifiers())
+        if not template.is_valid() or names - TEMPLATE_FIELDS:
+            raise ValueError(f"script_template: only ${', $'.join(sorted(TEMPLATE_FIELDS))} are known "
+                             "(write $$ for a literal $)")
+        needed = {"command", "job_name", "workdir"} | {name for field, name in (
+            ("extra_sbatch_args", "extra_sbatch"), ("setup_lines", "setup"), ("partition", "partition_line"))
+            if getattr(self, field)}
+        if missing := needed - names:
+            raise ValueError(f"script_template lacks ${', $'.join(sorted(missing))}")
         return self
 
 
@@ -167,6 +141,9 @@ class SlurmJob:
     signal: int | None = None
     name: str = ""
 
+    def remote(self) -> RemoteState:
+        return state_to_remote(self.state, self.exit_code, self.signal)
+
 
 def _ids(ids: list[str]) -> str:
     bad = [i for i in ids if not _JOB_ID.match(i)]
@@ -203,13 +180,16 @@ def squeue_command(ids: list[str]) -> str:
     return f"squeue -h -t all -j {_ids(ids)} -o '%i|%T|%r'"
 
 
-def parse_squeue(text: str) -> dict[str, SlurmJob]:
-    jobs = {}
+def _rows(text: str, fields: int):
+    """'|'-separated lines that start with a job id; the last field (a job name) may hold '|'."""
     for line in text.splitlines():
-        parts = line.strip().split("|", 2)
-        if len(parts) == 3 and _JOB_ID.match(parts[0]):
-            jobs[parts[0]] = SlurmJob(parts[0], _state_word(parts[1]), parts[2])
-    return jobs
+        parts = line.rstrip("\r\n").split("|", fields - 1)
+        if len(parts) == fields and _JOB_ID.match(parts[0]):
+            yield parts
+
+
+def parse_squeue(text: str) -> dict[str, SlurmJob]:
+    return {p[0]: SlurmJob(p[0], _state_word(p[1]), p[2]) for p in _rows(text, 3)}
 
 
 def find_by_name_command(name: str) -> str:
@@ -218,12 +198,7 @@ def find_by_name_command(name: str) -> str:
 
 
 def parse_find_by_name(text: str, name: str) -> list[SlurmJob]:
-    found = []
-    for line in text.splitlines():
-        parts = line.rstrip("\n").split("|", 2)  # the name is last: it may contain '|'
-        if len(parts) == 3 and _JOB_ID.match(parts[0]) and parts[2] == name:
-            found.append(SlurmJob(parts[0], _state_word(parts[1]), name=parts[2]))
-    return found
+    return [SlurmJob(p[0], _state_word(p[1]), name=p[2]) for p in _rows(text, 3) if p[2] == name]
 
 
 def sacct_command(ids: list[str]) -> str:
@@ -232,14 +207,7 @@ def sacct_command(ids: list[str]) -> str:
 
 
 def parse_sacct(text: str) -> dict[str, SlurmJob]:
-    jobs = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|", 3)
-        if len(parts) == 4 and _JOB_ID.match(parts[0]):
-            code, sig = _exit_pair(parts[2])
-            # a requeued job has one row per run: the last one is current
-            jobs[parts[0]] = SlurmJob(parts[0], _state_word(parts[1]), "", code, sig, parts[3])
-    return jobs
+    return {p[0]: SlurmJob(p[0], _state_word(p[1]), "", *_exit_pair(p[2]), p[3]) for p in _rows(text, 4)}
 
 
 def scontrol_command(job_id: str) -> str:
@@ -253,20 +221,17 @@ def scontrol_batch_command(ids: list[str]) -> str:
 
 
 def parse_scontrol(text: str) -> dict[str, SlurmJob]:
-    """``scontrol show job -o`` lines. The job name may contain spaces, so it is taken up to
-    UserId= and the other fields are searched only after it."""
+    """``scontrol show job -o`` lines. A job name may contain spaces and 'Key=' text: it is
+    taken up to UserId=, and the other fields are searched only after it."""
     jobs = {}
     for line in text.splitlines():
-        m = re.match(r"JobId=(\S+) JobName=(.*?) UserId=", line.strip())
-        if not m or not _JOB_ID.match(m.group(1)):
-            continue
-        rest = line.strip()[m.end():]
-        state = re.search(r"(?:^|\s)JobState=(\S+)", rest)
-        reason = re.search(r"\sReason=(\S+)", rest)
-        exit_ = re.search(r"\sExitCode=(\S+)", rest)
-        code, sig = _exit_pair(exit_.group(1)) if exit_ else (None, None)
-        jobs[m.group(1)] = SlurmJob(m.group(1), _state_word(state.group(1)) if state else "UNKNOWN",
-                                    reason.group(1) if reason else "", code, sig, m.group(2))
+        m = re.match(r"JobId=(\S+) JobName=(.*?) (UserId=.*)", line.strip())
+        if m and _JOB_ID.match(m.group(1)):
+            def field(key: str, rest=" " + m.group(3)) -> str:
+                found = re.search(rf" {key}=(\S*)", rest)
+                return found.group(1) if found else ""
+            jobs[m.group(1)] = SlurmJob(m.group(1), _state_word(field("JobState")) or "UNKNOWN",
+                                        field("Reason"), *_exit_pair(field("ExitCode")), m.group(2))
     return jobs
 
 
@@ -346,6 +311,8 @@ def _error(what: str, host: str, text: str, transient: bool | None = None) -> Ex
 # ---------------------------------------------------------------- scheduler
 class SlurmScheduler:
     kind = "slurm"
+    enforces_time_limit = True  # the batch script's --time: Slurm reports TIMEOUT itself
+    transient_states = frozenset(TRANSIENT_STATES)
 
     def __init__(self, host: "Host", settings: SlurmSettings | None = None,
                  job_dir_root: PurePosixPath | None = None):
@@ -353,6 +320,10 @@ class SlurmScheduler:
         self.settings = settings or SlurmSettings()
         self.job_dir_root = PurePosixPath(job_dir_root or host.root)
         self._accounting = self.settings.state_source != "scontrol"  # auto: until sacct says disabled
+
+    @staticmethod
+    def reason_for(state: str, exit_code: int | None) -> str:
+        return reason_for(state, exit_code)
 
     def _run(self, command: str):
         return self.host.run(command, timeout=self.settings.command_timeout_seconds)
@@ -396,23 +367,17 @@ class SlurmScheduler:
         if r.returncode != 0 and "invalid job id" not in out.lower():  # a single unknown id -> rc 1
             raise _error("squeue", self.host.name, out, transient=True)
         queued = parse_squeue(r.stdout)
-        # The exit code of a failed job and the fate of a forgotten one come from sacct/scontrol.
-        need = []
-        for i in ids:
-            job = queued.get(i)
-            if job is None or job.state == "FAILED":
-                need.append(i)
-            else:
-                states[i] = state_to_remote(job.state)
+        # squeue shows no exit codes: a FAILED job's code, and the fate of a job squeue has
+        # forgotten, come from one batched sacct/scontrol call.
+        need = [i for i in ids if i not in queued or queued[i].state == "FAILED"]
         details = self._details(need) if need else {}
-        for i in need:
+        for i in ids:
             if i in details:
-                d = details[i]
-                states[i] = state_to_remote(d.state, d.exit_code, d.signal)
-            elif i in queued:  # accounting lags behind slurmctld: ask again next poll
+                states[i] = details[i].remote()
+            elif i in need and i in queued:  # accounting lags behind slurmctld: ask next poll
                 states[i] = RemoteState(queued[i].state, False)
             else:
-                states[i] = MISSING
+                states[i] = queued[i].remote() if i in queued else MISSING
         return states
 
     def _details(self, ids: list[str]) -> dict[str, SlurmJob]:

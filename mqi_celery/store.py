@@ -40,7 +40,8 @@ def _job(row: db.JobRow) -> Job:
                status=JobStatus(row.status), step=row.step, error=row.error, scheduler=row.scheduler,
                remote_id=row.remote_id, remote_state=row.remote_state, exit_code=row.exit_code,
                gpu_id=row.gpu_id, results=row.results or {},
-               submitted_at=row.submitted_at, finished_at=row.finished_at)
+               submitted_at=row.submitted_at, started_at=row.started_at, resubmits=row.resubmits or 0,
+               finished_at=row.finished_at)
 
 
 class Store:
