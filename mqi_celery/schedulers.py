@@ -109,8 +109,12 @@ class DirectScheduler:
     def cancel(self, remote_id: str, workdir: PurePosixPath) -> None:
         if not remote_id.isdigit():
             raise ExecutionError(f"not a process id: {remote_id!r}")
-        # The wrapper is a session leader: signal its whole process group.
-        self.host.run(f"kill -TERM -- -{remote_id} 2>/dev/null || kill -TERM {remote_id} 2>/dev/null; true")
+        # The wrapper leads its own process group: signal the whole group (the engine too),
+        # and SIGKILL it 10 s later in case the engine ignores SIGTERM. (dash's kill takes
+        # no "--": `kill -TERM -PGID`.)
+        escalate = shlex.quote(f"sleep 10; kill -KILL -{remote_id} 2>/dev/null")
+        self.host.run(f"kill -TERM -{remote_id} 2>/dev/null || kill -TERM {remote_id} 2>/dev/null; "
+                      f"(setsid nohup sh -c {escalate} > /dev/null 2>&1 < /dev/null &); true")
 
 
 def parse_direct_poll(text: str) -> dict[str, RemoteState]:

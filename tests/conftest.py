@@ -30,6 +30,18 @@ def poll_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
         time.sleep(interval)
 
 
+def group_alive(pgid: int) -> bool:
+    """Any live process in the group (the wrapper shell and the engine under it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
 def write_config(folder: Path, **sections) -> Path:
     """A config for tests: everything under ``folder``, fast intervals, overrides merged."""
     base = {

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from tests.casegen import STUDY_UID, make_case, set_beam_number
-from tests.conftest import poll_until
+from tests.conftest import group_alive as _group_alive, poll_until
 
 PATIENT_NAME = "ANONYMIZED"  # the plan's patient name: must never reach a log or an event
 
@@ -149,6 +149,9 @@ def test_engine_failures_fail_the_beam_keep_other_results_and_retry(embedded, fa
         assert {p.name for p in results.glob("*.dcm")} == {*jobs[2]["results"], *jobs[4]["results"]}
         report = json.loads((results / "report.json").read_text())
         assert [j["status"] for j in report["jobs"]] == ["COMPLETED", "FAILED", "COMPLETED"]
+        if mode == "hang":  # the timeout killed the engine itself, not only its wrapper
+            hung = int(jobs[3]["remote_id"])
+            poll_until(lambda: not _group_alive(hung), 15, what="the hung engine to be killed")
 
     # Fixed engine: retry runs the failed beam again and the case completes.
     (flags / "exit").unlink()
@@ -177,8 +180,8 @@ def test_cancel_stops_a_running_case(embedded, failing_engine):
     assert case["status"] == "FAILED" and case["error"] == "cancelled"
     hung = next(j for j in case["jobs"] if j["beam"] == 3)
     assert hung["status"] == "FAILED" and hung["error"] == "cancelled"
-    pid = int(hung["remote_id"])
-    poll_until(lambda: not _alive(pid), 15, what="the hung engine to be killed")
+    pgid = int(hung["remote_id"])
+    poll_until(lambda: not _group_alive(pgid), 15, what="the hung engine and its wrapper to be killed")
 
 
 def _alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ from mqi_celery.case_reader import manifest
 from mqi_celery.hosts import LocalHost
 from mqi_celery.schedulers import DirectScheduler, JobSpec, parse_direct_poll
 from tests.casegen import make_case
-from tests.conftest import poll_until
+from tests.conftest import group_alive, poll_until
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
@@ -76,6 +76,7 @@ def test_direct_scheduler_runs_polls_and_kills_real_processes(tmp_path):
     sched.cancel(slow_id, slow.workdir)
     poll_until(lambda: sched.poll({slow_id: slow.workdir})[slow_id].state in ("LOST", "EXITED"), 10,
                what="killed job to stop")
+    poll_until(lambda: not group_alive(int(slow_id)), 10, what="the job's own processes to stop")
 
 
 def test_direct_job_sees_its_gpu(tmp_path):
