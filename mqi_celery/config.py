@@ -10,12 +10,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .slurm import SlurmSettings
@@ -65,9 +65,42 @@ class Worker(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class SSHSettings(Section):
+    host: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(min_length=1)
+    key_file: Path
+    known_hosts: Path  # required: host keys are verified, never accepted blindly
+    connect_timeout: float = Field(10.0, gt=0)
+    op_timeout: float = Field(300.0, gt=0)  # longest silence tolerated inside one transfer
+    keepalive_seconds: int = Field(30, ge=0)
+    # AES only: GCM first, the fastest in paramiko (it has no chacha20).
+    ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+
+    @field_validator("ciphers")
+    @classmethod
+    def _aes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not c.startswith("aes") for c in value):
+            raise ValueError("must list AES ciphers only, e.g. aes128-gcm@openssh.com")
+        return value
+
+
 class Transport(Section):
-    kind: Literal["local"] = "local"
-    remote_root: Path = Path("var/remote")  # the "cluster" side folder for LocalTransport
+    kind: Literal["local", "ssh"] = "local"
+    # local: a folder on this machine (relative paths allowed). ssh: an absolute path on
+    # the cluster; one folder per case is made below it.
+    remote_root: Path = Path("var/remote")
+    ssh: SSHSettings | None = None  # required when kind is ssh
+
+    @model_validator(mode="after")
+    def _ssh_complete(self) -> "Transport":
+        if self.kind == "ssh":
+            if self.ssh is None:
+                raise ValueError("kind 'ssh' needs an 'ssh' section (host, user, key_file, known_hosts)")
+            root = PurePosixPath(self.remote_root)
+            if not root.is_absolute() or ".." in root.parts or root == PurePosixPath("/"):
+                raise ValueError(f"remote_root {str(root)!r} must be an absolute path on the cluster, not '/'")
+        return self
 
 
 class Scheduler(Section):
@@ -137,9 +170,17 @@ class Settings(Section):
             "broker": self.broker.model_copy(update={
                 "folder": absolute(self.broker.folder),
                 "result_backend": sqlite_abs(self.broker.result_backend)}),
-            "transport": self.transport.model_copy(update={"remote_root": absolute(self.transport.remote_root)}),
+            "transport": self._resolved_transport(absolute),
             "logging": self.logging.model_copy(update={"file": absolute(self.logging.file)}),
         })
+
+
+    def _resolved_transport(self, absolute) -> Transport:
+        t = self.transport
+        if t.kind == "ssh":  # remote_root is a path on the cluster: left as written
+            return t.model_copy(update={"ssh": t.ssh.model_copy(update={
+                "key_file": absolute(t.ssh.key_file), "known_hosts": absolute(t.ssh.known_hosts)})})
+        return t.model_copy(update={"remote_root": absolute(t.remote_root)})
 
 
 ENV_PREFIX = "MQI_"

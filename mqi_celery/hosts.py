@@ -137,4 +137,8 @@ class LocalHost:
 def make_host(settings: Settings) -> Host:
     if settings.transport.kind == "local":
         return LocalHost(settings.transport.remote_root)
+    if settings.transport.kind == "ssh":
+        from .ssh_host import SSHHost  # paramiko only where SSH is used
+
+        return SSHHost(settings.transport.ssh, PurePosixPath(settings.transport.remote_root))
     raise ConfigError(f"transport.kind {settings.transport.kind!r} is not supported")

@@ -70,11 +70,15 @@ def submit_job(self, case_id: str, beam: int) -> str:
 
 def _submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     settings, host, scheduler = runtime.settings(), runtime.host(), runtime.scheduler()
+    case, job = runtime.store().get_case(case_id), runtime.store().get_job(case_id, beam)
     job_dir = remote_job_dir(host.root, case_id, beam)
+    # Derived from state that only changes after a successful submit (case retries, node-
+    # fault resubmits): a redelivery of this submit computes the same token and adopts.
+    token = f"{case.trace_id[:12]}.{case.attempts}.{fields.get('resubmits', job.resubmits)}"
     spec = JobSpec(name=f"mqi-{case_id}-{beam}", workdir=job_dir,
                    command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
                                                job_dir=job_dir),
-                   gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds)
+                   gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds, token=token)
     remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
     faults.point("after_submit")  # crash tests: die between the submit and the database write
     runtime.store().update_job(case_id, beam, step="submitted", scheduler=scheduler.kind, remote_id=remote_id,

@@ -7,6 +7,7 @@ of a host at once: one command per host per poll, whatever the number of jobs.
 from __future__ import annotations
 
 import shlex
+import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -25,6 +26,10 @@ class JobSpec:
     command: str  # already quoted
     gpu_id: int | None
     time_limit_seconds: float
+    # The same for every delivery of one submit, new for each retry of the beam: a
+    # redelivered submit adopts the run carrying its token (running or already finished)
+    # instead of starting a second one.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,11 @@ class DirectScheduler:
         env = f"export CUDA_VISIBLE_DEVICES={int(spec.gpu_id)}; " if spec.gpu_id is not None else ""
         inner = _DIRECT_WRAPPER.format(env=env, command=spec.command)
         wd = shlex.quote(str(spec.workdir))
-        # A live run from an earlier delivery of this submit is adopted, not started twice.
-        script = (f"mkdir -p {wd} && cd {wd} && if [ -s job.pid ] && [ ! -f job.exit ] && "
-                  f"kill -0 \"$(cat job.pid)\" 2>/dev/null; then cat job.pid; exit 0; fi; "
-                  f"rm -f job.exit job.pid && "
+        # The run of an earlier delivery of this submit (same token) is adopted, live or done.
+        token = shlex.quote(spec.token or uuid.uuid4().hex)  # no token: never adopt
+        script = (f"mkdir -p {wd} && cd {wd} && if [ -s job.pid ] && [ \"$(cat job.token 2>/dev/null)\" = {token} ]"
+                  f" && {{ [ -f job.exit ] || kill -0 \"$(cat job.pid)\" 2>/dev/null; }}; then cat job.pid; exit 0; fi; "
+                  f"rm -f job.exit job.pid && printf '%s\\n' {token} > job.token && "
                   f"(setsid nohup sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &) && "
                   f"for i in $(seq 100); do [ -s job.pid ] && break; sleep 0.05; done; cat job.pid")
         result = self.host.run(script, timeout=30)

@@ -140,6 +140,7 @@ class SlurmJob:
     exit_code: int | None = None
     signal: int | None = None
     name: str = ""
+    comment: str = ""
 
     def remote(self) -> RemoteState:
         return state_to_remote(self.state, self.exit_code, self.signal)
@@ -162,8 +163,9 @@ def _exit_pair(text: str) -> tuple[int | None, int | None]:
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
-def sbatch_command(workdir: PurePosixPath, script_path: PurePosixPath) -> str:
-    return f"cd {shlex.quote(str(workdir))} && sbatch --parsable {shlex.quote(str(script_path))}"
+def sbatch_command(workdir: PurePosixPath, script_path: PurePosixPath, token: str = "") -> str:
+    comment = f" --comment={shlex.quote(token)}" if token else ""
+    return f"cd {shlex.quote(str(workdir))} && sbatch --parsable{comment} {shlex.quote(str(script_path))}"
 
 
 def parse_sbatch(stdout: str) -> str:
@@ -193,12 +195,13 @@ def parse_squeue(text: str) -> dict[str, SlurmJob]:
 
 
 def find_by_name_command(name: str) -> str:
-    # default states only (pending/running/...): a finished job with this name is not adopted
-    return f"squeue -h --me -n {shlex.quote(name)} -o '%i|%T|%j'"
+    # -t all: a job of this submit (same token in its comment) that already finished is
+    # adopted too, as long as slurmctld remembers it (MinJobAge)
+    return f"squeue -h --me -t all -n {shlex.quote(name)} -o '%i|%T|%k|%j'"
 
 
 def parse_find_by_name(text: str, name: str) -> list[SlurmJob]:
-    return [SlurmJob(p[0], _state_word(p[1]), name=p[2]) for p in _rows(text, 3) if p[2] == name]
+    return [SlurmJob(p[0], _state_word(p[1]), name=p[3], comment=p[2]) for p in _rows(text, 4) if p[3] == name]
 
 
 def sacct_command(ids: list[str]) -> str:
@@ -328,12 +331,14 @@ class SlurmScheduler:
     def _run(self, command: str):
         return self.host.run(command, timeout=self.settings.command_timeout_seconds)
 
-    def find_job(self, name: str) -> str | None:
-        """A live (pending/running) job of ours with exactly this name, oldest first."""
+    def find_job(self, name: str, token: str = "") -> str | None:
+        """Our job with exactly this name, oldest first: one carrying ``token`` in any state,
+        else (no token) a live one (pending/running)."""
         r = self._run(find_by_name_command(name))
         if r.returncode != 0:
             raise _error("squeue -n", self.host.name, r.stderr or r.stdout, transient=True)
-        jobs = [j for j in parse_find_by_name(r.stdout, name) if j.state in ACTIVE_STATES]
+        jobs = [j for j in parse_find_by_name(r.stdout, name)
+                if (j.comment == token if token else j.state in ACTIVE_STATES)]
         return min(jobs, key=lambda j: [int(p) for p in j.job_id.split("_")]).job_id if jobs else None
 
     def submit(self, spec: JobSpec) -> str:
@@ -342,14 +347,14 @@ class SlurmScheduler:
             raise ExecutionError(f"job folder {workdir} is outside {self.job_dir_root}", transient=False)
         script = render_batch_script(spec, self.settings)  # validates name and folder first
         # A retried task must not start a second run of the same beam: adopt the live one.
-        if existing := self.find_job(spec.name):
+        if existing := self.find_job(spec.name, spec.token):
             log.info("adopting Slurm job %s for %s", existing, spec.name)
             return existing
         path = workdir / SCRIPT_NAME
         r = self._run(write_script_command(path, script))
         if r.returncode != 0:
             raise _error(f"writing {path}", self.host.name, r.stderr, transient=True)
-        r = self._run(sbatch_command(workdir, path))
+        r = self._run(sbatch_command(workdir, path, spec.token))
         if r.returncode != 0:  # transient if slurmctld is unreachable; a rejection is final
             raise _error(f"sbatch {spec.name}", self.host.name, r.stderr or r.stdout)
         try:

@@ -127,11 +127,17 @@ def test_local_host_refuses_paths_outside_its_root(tmp_path):
     assert not (tmp_path / "escape.txt").exists()
 
 
-def test_direct_submit_adopts_a_live_run_of_the_same_job(tmp_path):
+def test_direct_submit_adopts_the_run_of_the_same_token(tmp_path):
     sched = DirectScheduler(LocalHost(tmp_path))
-    spec = JobSpec("mqi-c-2", PurePosixPath(tmp_path / "j"), "sleep 300", None, 60)
+    spec = JobSpec("mqi-c-2", PurePosixPath(tmp_path / "j"), "sleep 300", None, 60, token="t.0.0")
     first = sched.submit(spec)
     assert sched.submit(spec) == first  # redelivered submit: same process, not a second one
     sched.cancel(first, spec.workdir)
     poll_until(lambda: sched.poll({first: spec.workdir})[first].finished, 10, what="the run to stop")
-    assert sched.submit(spec) != first  # a finished run is not adopted
+    assert sched.submit(spec) != first  # killed without an exit code: nothing to adopt
+    quick = JobSpec("mqi-c-3", PurePosixPath(tmp_path / "q"), "true", None, 60, token="t.0.0")
+    done = sched.submit(quick)
+    poll_until(lambda: sched.poll({done: quick.workdir})[done].state == "EXITED", 10, what="quick run")
+    assert sched.submit(quick) == done  # finished with an exit code: adopted, not run again
+    retried = JobSpec("mqi-c-3", quick.workdir, "true", None, 60, token="t.1.0")
+    assert sched.submit(retried) != done  # a retry of the case has a new token: runs again

@@ -144,8 +144,8 @@ def test_default_time_limit_and_minimal_script():
 
 def test_hostile_names_and_folders_round_trip_through_the_shell():
     wd = PurePosixPath(HOSTILE_DIR)
-    assert shlex.split(find_by_name_command(HOSTILE_NAME)) == ["squeue", "-h", "--me", "-n", HOSTILE_NAME,
-                                                               "-o", "%i|%T|%j"]
+    assert shlex.split(find_by_name_command(HOSTILE_NAME)) == ["squeue", "-h", "--me", "-t", "all", "-n",
+                                                               HOSTILE_NAME, "-o", "%i|%T|%k|%j"]
     assert shlex.split(sbatch_command(wd, wd / "job.sbatch")) == ["cd", HOSTILE_DIR, "&&", "sbatch",
                                                                   "--parsable", f"{HOSTILE_DIR}/job.sbatch"]
     script = render_batch_script(spec(HOSTILE_DIR, HOSTILE_NAME), SlurmSettings())
@@ -382,6 +382,20 @@ def test_second_submit_adopts_the_live_job(bed, slurm_testbed):
     assert b.sched.find_job(s.name) == first
     assert slurm_testbed.ssh(f"squeue -h -n {s.name} -o %i").stdout.split() == [first]
     assert sum(c.startswith("sbatch") and b.tag in c for c in slurm_testbed.scheduler_calls()) == 1
+
+
+@pytest.mark.slurm
+def test_submit_with_the_same_token_adopts_even_a_finished_job(bed, slurm_testbed):
+    from dataclasses import replace
+
+    b = bed()
+    s = replace(b.spec(1, "true"), token="trace.0.0")
+    first = b.sched.submit(s)
+    b.wait({first: s.workdir}, finished)
+    assert b.sched.submit(s) == first  # the redelivered submit of a job that already ran
+    again = b.sched.submit(replace(s, token="trace.1.0"))  # a retry of the case runs anew
+    assert again != first
+    assert sum(c.startswith("sbatch") and b.tag in c for c in slurm_testbed.scheduler_calls()) == 2
 
 
 @pytest.mark.slurm

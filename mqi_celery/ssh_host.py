@@ -1,0 +1,369 @@
+"""``SSHHost``: the ``Host`` protocol over SSH, for a real GPU cluster.
+
+Same semantics as ``LocalHost``; what differs is cost. Every exec channel starts the
+remote account's login shell, so each method is one remote command (or one SFTP call on
+the thread's long-lived SFTP channel); a case goes up as one tar stream, not file by file.
+Remote paths must lie under ``root``; file names travel quoted or as NUL-separated data,
+never as shell code. Connections are pooled per process (``ssh_pool``).
+"""
+from __future__ import annotations
+
+import fcntl
+import re
+import select
+import shlex
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Callable, TypeVar
+
+import paramiko
+
+from . import ssh_pool
+from .config import SSHSettings
+from .errors import ConnectionError_, ExecutionError, MQIError, TransferError
+from .hosts import CommandResult
+from .naming import safe_relpath
+
+T = TypeVar("T")
+CHUNK = 1 << 20
+MISSING = 66  # exit code of our remote commands for "no such file"
+BIG_RECORDS_FROM = 64 << 20  # upload size from which tar uses 1 MiB records
+
+
+class SSHHost:
+    stats = ssh_pool.stats  # handshakes / reconnects / retired, per process
+
+    def __init__(self, settings: SSHSettings, root: PurePosixPath):
+        self.settings = settings
+        self.name = settings.host
+        self.root = PurePosixPath(root)
+
+    # ---------------------------------------------------------------- Host protocol
+    def run(self, command: str, *, timeout: float = 60) -> CommandResult:
+        # Not retried once sent: running e.g. sbatch twice would submit twice.
+        rc, out, err = self._call("command", lambda c: self._exec(c, command, timeout=timeout),
+                                  idempotent=False)
+        return CommandResult(rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def exists(self, remote_path: PurePosixPath) -> bool:
+        path = self._path(remote_path)
+
+        def op(conn: ssh_pool.Connection) -> bool:
+            with conn.sftp() as sftp:
+                try:
+                    sftp.stat(str(path))
+                except FileNotFoundError:
+                    return False
+                return True
+        return self._call("stat", op)
+
+    def put_tree(self, local_dir: Path, remote_dir: PurePosixPath, files: list[str]) -> int:
+        """One tar stream (GNU tar, local) through one exec channel into ``remote_dir``."""
+        rels = [str(safe_relpath(f)) for f in files]
+        dst = self._path(remote_dir)
+        if not rels:
+            return 0
+        size = sum((Path(local_dir) / rel).stat().st_size for rel in rels)  # fail before sending
+        # Records of 1 MiB (64 KiB for small uploads: the last record is padded) instead of
+        # tar's 10 KiB: 1 GiB goes up in half the time, both tars doing 100x fewer syscalls.
+        blocks = "2048" if size >= BIG_RECORDS_FROM else "128"
+        remote = (f"mkdir -p -- {shlex.quote(str(dst))} && exec tar -C {shlex.quote(str(dst))} "
+                  f"-b {blocks} -B --no-same-owner -xf -")
+        with tempfile.NamedTemporaryFile("wb", prefix="mqi-tar-") as names, \
+                tempfile.TemporaryFile() as tar_err:
+            names.write(b"\0".join(r.encode("utf-8", "surrogateescape") for r in rels))
+            names.flush()
+            # --null: names verbatim (never options); -h: copy what a symlink points to, as
+            # LocalHost does, instead of planting the link on the cluster
+            argv = ["tar", "-C", str(local_dir), "--null", "--no-unquote", "--no-recursion",
+                    "--dereference", "-T", names.name, "-b", blocks, "-cf", "-"]
+
+            def op(conn: ssh_pool.Connection) -> None:
+                tar_err.seek(0)
+                tar_err.truncate()
+                with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=tar_err) as tar:
+                    _grow_pipe(tar.stdout)
+                    try:
+                        rc, _, err = self._exec(conn, remote, feed=tar.stdout)
+                    except BaseException:
+                        tar.kill()  # never leave tar blocked on a pipe nobody reads
+                        raise
+                    if rc != 0:
+                        tar.kill()
+                if rc == 0 and tar.returncode != 0:
+                    tar_err.seek(0)
+                    raise TransferError(f"local tar failed: {tar_err.read().decode(errors='replace')[-500:]}")
+                if rc != 0:
+                    raise TransferError(f"remote tar into {dst} failed ({rc}): {_tail(err)}")
+            self._call("upload", op, nbytes=size)
+        return size
+
+    def sha256(self, remote_dir: PurePosixPath, files: list[str]) -> dict[str, str | None]:
+        base = self._path(remote_dir)
+        by_name = {str(safe_relpath(f)): f for f in files}
+        out: dict[str, str | None] = {f: None for f in files}
+        if not by_name:
+            return out
+        # names go in as NUL-separated data, so no command line grows with the file count
+        q = shlex.quote(str(base))
+        cmd = f"[ -d {q} ] || exit 0; cd {q} && xargs -0 sha256sum --"
+        names = b"\0".join(n.encode("utf-8", "surrogateescape") for n in by_name)
+        rc, text, err = self._call("sha256sum", lambda c: self._exec(c, cmd, feed=names))
+        if rc not in (0, 123):  # 123: some file missing or unreadable, left as None
+            raise TransferError(f"sha256sum in {base} failed ({rc}): {_tail(err)}")
+        for name, digest in parse_sha256sum(text):
+            if name in by_name:
+                out[by_name[name]] = digest
+        return out
+
+    def list_files(self, remote_dir: PurePosixPath) -> list[str]:
+        base = shlex.quote(str(self._path(remote_dir)))
+        rc, out, err = self._call("find", lambda c: self._exec(
+            c, f"[ -d {base} ] || exit 0; cd {base} && find . -type f -print0"))
+        if rc != 0:
+            raise TransferError(f"listing {remote_dir} failed ({rc}): {_tail(err)}")
+        return sorted(n.decode("utf-8", "surrogateescape")[2:] for n in out.split(b"\0") if n)
+
+    def get(self, remote_path: PurePosixPath, local_path: Path) -> int:
+        # An exec channel reads ~3x faster than SFTP get(); safe at any size as paramiko
+        # never re-keys on our connections (ssh_pool.AES_REKEY_BYTES).
+        path = shlex.quote(str(self._path(remote_path)))
+        cmd = f"[ -f {path} ] || exit {MISSING}; exec cat -- {path}"
+        with open(local_path, "wb") as sink:
+            def op(conn: ssh_pool.Connection) -> tuple[int, bytes]:
+                sink.seek(0)
+                sink.truncate()
+                rc, _, err = self._exec(conn, cmd, sink=sink)
+                conn.moved += sink.tell()
+                return rc, err
+            rc, err = self._call("download", op)
+            size = sink.tell()
+        if rc != 0:
+            Path(local_path).unlink(missing_ok=True)
+            if rc == MISSING:
+                raise TransferError(f"{remote_path} does not exist on {self.name}", transient=False)
+            raise TransferError(f"reading {remote_path} failed ({rc}): {_tail(err)}")
+        return size
+
+    def write_text(self, remote_path: PurePosixPath, text: str) -> None:
+        path = self._path(remote_path, below_root=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+        def op(conn: ssh_pool.Connection) -> None:
+            with conn.sftp() as sftp:
+                _sftp_makedirs(sftp, path.parent)
+                with sftp.open(str(tmp), "wb") as f:
+                    f.write(text.encode())
+                sftp.posix_rename(str(tmp), str(path))  # readers see the old or the new text
+        self._call("write", op)
+
+    def read_tail(self, remote_path: PurePosixPath, max_bytes: int = 65536) -> str:
+        path = self._path(remote_path)
+
+        def op(conn: ssh_pool.Connection) -> str:
+            with conn.sftp() as sftp:
+                try:
+                    f = sftp.open(str(path), "rb")
+                except FileNotFoundError:
+                    return ""
+                with f:
+                    st = f.stat()
+                    if not stat.S_ISREG(st.st_mode or 0):
+                        return ""
+                    f.seek(max(0, (st.st_size or 0) - max_bytes))
+                    return f.read(max_bytes).decode("utf-8", "replace")
+        return self._call("read", op)
+
+    def remove_tree(self, remote_dir: PurePosixPath) -> None:
+        path = shlex.quote(str(self._path(remote_dir, below_root=True)))
+        rc, _, err = self._call("rm", lambda c: self._exec(c, f"rm -rf -- {path}"))
+        if rc != 0:
+            raise TransferError(f"removing {remote_dir} failed ({rc}): {_tail(err)}")
+
+    def rename(self, src: PurePosixPath, dst: PurePosixPath) -> None:
+        a, b = str(self._path(src, below_root=True)), str(self._path(dst, below_root=True))
+
+        def op(conn: ssh_pool.Connection) -> None:
+            with conn.sftp() as sftp:
+                try:
+                    sftp.posix_rename(a, b)
+                except FileNotFoundError:
+                    raise TransferError(f"cannot rename {src}: it does not exist on {self.name}",
+                                        transient=False) from None
+        self._call("rename", op, idempotent=False)
+
+    # ---------------------------------------------------------------- helpers
+    def _path(self, remote: PurePosixPath, *, below_root: bool = False) -> PurePosixPath:
+        """``remote`` if it lies under root (strictly, for what we delete or move)."""
+        p = PurePosixPath(remote)
+        inside = p.is_absolute() and ".." not in p.parts and "\0" not in str(p) and (
+            p.is_relative_to(self.root) and not (below_root and p == self.root))
+        if not inside:
+            raise TransferError(f"{remote} is outside the remote root {self.root}", transient=False)
+        return p
+
+    def _call(self, what: str, op: Callable[[ssh_pool.Connection], T], *, nbytes: int = 0,
+              idempotent: bool = True) -> T:
+        """``op`` on a pooled connection; a dropped connection is replaced once."""
+        for attempt in (1, 2):
+            with ssh_pool.lease(self.settings, nbytes) as conn:
+                try:
+                    return op(conn)
+                except MQIError:
+                    raise
+                except (paramiko.SSHException, EOFError, OSError, ssh_pool.Dropped) as exc:
+                    if not conn.is_drop(exc):
+                        raise TransferError(f"{what} on {self.name} failed: {exc}") from exc
+                    ssh_pool.discard(conn)
+                    retry = idempotent or isinstance(exc, ssh_pool.Dropped)
+                    if attempt == 2 or not retry:
+                        raise ConnectionError_(f"connection to {self.name}:{self.settings.port} "
+                                               f"lost during {what}: {exc or type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
+
+    def _exec(self, conn: ssh_pool.Connection, command: str, *, timeout: float | None = None,
+              feed=None, sink=None) -> tuple[int, bytes, bytes]:
+        """Run ``command``; ``feed`` (bytes or a binary pipe) goes to its stdin, its stdout
+        into ``sink`` (a binary file) or the returned bytes. ``timeout`` bounds the whole
+        command; without it, transfers fail after ``op_timeout`` seconds without progress."""
+        watch = _Watch(self.settings.op_timeout if timeout is None else timeout, idle=timeout is None)
+        with conn.session() as chan:
+            chan.exec_command(command)
+            feeder = None if feed is None else _Feeder(chan, feed, watch)
+            out = _drain(chan, sink, watch)
+            if out is None or not chan.status_event.wait(max(watch.remaining(), 0.1)):
+                error = TransferError if watch.idle else ExecutionError
+                raise error(f"command on {self.name} timed out after {watch.seconds} s"
+                            f"{' without progress' if watch.idle else ''}", transient=True)
+            if feeder is not None:
+                feeder.check()
+            status = chan.recv_exit_status()
+            if status == -1 and not conn.alive():  # no exit status: the connection died
+                raise EOFError("connection closed before the command finished")
+            return status, *out
+
+
+class _Watch:
+    """A command's deadline: fixed (``run``) or pushed back whenever bytes move (transfers)."""
+
+    def __init__(self, seconds: float, idle: bool):
+        self.seconds, self.idle, self.last = seconds, idle, time.monotonic()
+
+    def touch(self) -> None:
+        if self.idle:
+            self.last = time.monotonic()
+
+    def remaining(self) -> float:
+        return self.last + self.seconds - time.monotonic()
+
+
+class _Feeder(threading.Thread):
+    """Sends stdin while the caller reads stdout: neither side can block the other."""
+
+    def __init__(self, chan: paramiko.Channel, feed, watch: _Watch):
+        super().__init__(daemon=True)
+        self.chan, self.feed, self.watch, self.error = chan, feed, watch, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            # memoryview: Channel.sendall re-slices what is left after every 32 KiB
+            # packet, which copies a bytes object each time (quadratic in the chunk size)
+            if isinstance(self.feed, bytes):
+                self.chan.sendall(memoryview(self.feed))
+            else:
+                while data := self.feed.read1(CHUNK):
+                    self.chan.sendall(memoryview(data))
+                    self.watch.touch()
+            self.chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException) as exc:  # remote ended early: see its exit code
+            self.error = exc
+
+    def check(self) -> None:
+        self.join()
+        if self.error is not None and not self.chan.transport.is_active():
+            raise EOFError(f"connection lost while sending: {self.error}")
+
+
+def _drain(chan: paramiko.Channel, sink, watch: _Watch) -> tuple[bytes, bytes] | None:
+    """Read stdout (into ``sink`` if given) and stderr until EOF; None on timeout."""
+    out: list[bytes] = []
+    err: list[bytes] = []
+    while True:
+        if chan.recv_stderr_ready():
+            err.append(chan.recv_stderr(CHUNK))
+        elif sink is not None:
+            data = chan.recv(CHUNK)  # blocking (the channel timeout applies): fastest for big files
+            if not data:
+                break
+            sink.write(data)
+            watch.touch()
+        elif chan.recv_ready():
+            out.append(chan.recv(CHUNK))
+            watch.touch()
+        elif chan.eof_received or chan.closed:
+            break
+        elif (remaining := watch.remaining()) <= 0:
+            return None
+        else:
+            select.select([chan], [], [], min(remaining, 1.0))
+    out.append(_rest(chan.recv))  # EOF may have come right after the last readiness check
+    err.append(_rest(chan.recv_stderr))
+    return b"".join(out), b"".join(err)
+
+
+def _grow_pipe(pipe) -> None:
+    # a 64 KiB pipe wakes us up 16 times per MiB; Linux allows 1 MiB without privileges
+    try:
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:
+        pass
+
+
+def _rest(recv) -> bytes:
+    parts = []
+    while data := recv(CHUNK):
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, d: PurePosixPath) -> None:
+    try:
+        sftp.stat(str(d))
+        return
+    except FileNotFoundError:
+        pass
+    _sftp_makedirs(sftp, d.parent)
+    try:
+        sftp.mkdir(str(d))
+    except OSError:
+        sftp.stat(str(d))  # created meanwhile by someone else is fine; else this raises
+
+
+_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+
+
+def parse_sha256sum(text: bytes) -> list[tuple[str, str]]:
+    """(name, digest) pairs from ``sha256sum`` output, undoing its escaping of names with
+    a backslash or newline (such lines start with a backslash)."""
+    pairs = []
+    for line in text.decode("utf-8", "surrogateescape").split("\n"):
+        escaped = line.startswith("\\")
+        digest, sep, name = line[escaped:].partition(" ")
+        if not sep or len(digest) != 64:
+            continue
+        name = name[1:]  # " " (text mode) or "*" (binary mode) precedes the name
+        if escaped:
+            name = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), name)
+        pairs.append((name, digest))
+    return pairs
+
+
+def _tail(err: bytes) -> str:
+    return err.decode("utf-8", "replace").strip()[-500:] or "no error output"

@@ -1,0 +1,234 @@
+"""The case on a real cluster: RabbitMQ + PostgreSQL workers, a real OpenSSH sshd and a
+real single-node Slurm with fake GPUs (tests/testbed). The engine (mqi-demo-engine) runs
+as the Slurm job, on the "cluster" side of the SSH connection."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from mqi_celery import runtime
+from mqi_celery.models import CaseStatus, JobStatus
+from mqi_celery.tasks import QUEUES
+from tests.casegen import STUDY_UID, make_case
+from tests.conftest import poll_until
+from tests.services import CeleryProcesses, postgres_database, rabbitmq_vhost
+from tests.testbed.fixtures import slurm_testbed  # noqa: F401
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+
+# The issue allows the real case from the shared fixtures; without it, the same plan and
+# delivery logs with generated layer files.
+SHARED_CASE = Path(__file__).resolve().parents[2] / "shared/fixtures/cases/shi_log" / STUDY_UID
+ENGINE = Path(sys.executable).parent / "mqi-demo-engine"
+
+
+def drop_case(inbox: Path, name: str = STUDY_UID, *, marker: bool = True) -> Path:
+    if name == STUDY_UID and SHARED_CASE.is_dir():
+        case = inbox / name
+        shutil.copytree(SHARED_CASE, case)
+        for p in [case, *case.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)  # the shared copy is read-only
+        if marker:
+            (case / "_CASE_READY").touch()
+        return case
+    return make_case(inbox, name, marker=marker)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Cluster:
+    """The testbed, a fresh vhost and database, and the celery processes of one test."""
+
+    def __init__(self, tmp_path: Path, config_file, tb, broker: str, database: str):
+        self.tmp, self.tb, self.broker, self.database = tmp_path, tb, broker, database
+        self.config_file = config_file
+        self.remote_root = tb.remote_root / tmp_path.name
+        self.procs: CeleryProcesses | None = None
+
+    def configure(self, engine_args: str = "", **sections) -> CeleryProcesses:
+        tb = self.tb
+        base = dict(
+            broker={"url": self.broker, "result_backend": "db+" + self.database},
+            database={"url": self.database},
+            transport={"kind": "ssh", "remote_root": str(self.remote_root),
+                       "ssh": {"host": tb.host, "port": tb.ssh_port, "user": tb.user,
+                               "key_file": str(tb.client_key), "known_hosts": str(tb.known_hosts)}},
+            scheduler={"kind": "slurm", "poll_interval_seconds": 0.5, "slurm": {"gres": "gpu:1"}},
+            engine={"command": f"{ENGINE} {engine_args} {{input_file}}", "timeout_seconds": 120},
+        )
+        base.update(sections)
+        self.procs = CeleryProcesses(self.tmp, self.config_file(**base))
+        return self.procs
+
+    def start(self, execute_args=("--pool", "threads", "--concurrency", "4")) -> None:
+        for queue in QUEUES:
+            args = execute_args if queue == "execute" else ("--pool", "threads", "--concurrency", "4")
+            self.procs.start_worker(queue, *args)
+        self.procs.start_beat()
+
+
+@pytest.fixture
+def cluster(tmp_path, config_file, slurm_testbed):  # noqa: F811
+    with rabbitmq_vhost() as broker, postgres_database() as database:
+        c = Cluster(tmp_path, config_file, slurm_testbed, broker, database)
+        try:
+            yield c
+        finally:
+            if c.procs:
+                c.procs.stop()
+            slurm_testbed.ssh("scancel --user=root")
+
+
+def wait_finished(case_id: str, timeout: float = 180):
+    store = runtime.store()
+
+    def finished():
+        case = store.get_case(case_id)
+        return case if case and case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) else None
+    return poll_until(finished, timeout, 0.5, f"case {case_id} to finish")
+
+
+def running_job(case_id: str, beam: int):
+    """The job once Slurm runs it (None before the case is even registered)."""
+    case = runtime.store().get_case(case_id)
+    job = next((j for j in case.jobs if j.beam == beam), None) if case else None
+    return job if job and job.remote_state == "RUNNING" else None
+
+
+def test_real_case_completes_on_slurm_over_ssh(tmp_path, cluster):
+    cluster.configure()
+    cluster.start()
+    drop_case(tmp_path / "inbox")
+    case = wait_finished(STUDY_UID)
+    assert case.status is CaseStatus.COMPLETED, case.error
+    assert [(j.beam, j.status, j.scheduler) for j in case.jobs] == [(b, JobStatus.COMPLETED, "slurm") for b in (2, 3, 4)]
+    events = runtime.store().events(STUDY_UID)
+    upload = next(e for e in events if e["command"] == "upload_success")
+    assert upload["payload"]["verified_files"] == len(case.manifest)
+    if SHARED_CASE.is_dir():
+        assert len(case.manifest) == 1 + 3 * 2 + 2 * (34 + 32 + 42)  # plan, txt files, .ptn + .mgn
+    remote_case = cluster.remote_root / STUDY_UID
+    # The remote copy matches the manifest, file by file.
+    for rel, digest in case.manifest.items():
+        assert sha256(remote_case / "input" / rel) == digest
+    # Results: byte-identical to what the engine wrote on the cluster side, hashes recorded.
+    results = tmp_path / "results" / STUDY_UID
+    for job in case.jobs:
+        [(name, digest)] = job.results.items()
+        assert (results / name).read_bytes() == (remote_case / f"beam_{job.beam}" / "output" / name).read_bytes()
+        assert sha256(results / name) == digest
+        download = next(e for e in events if e["command"] == "download_success" and e["payload"]["beam"] == job.beam)
+        assert download["payload"]["files"] == {name: digest}
+    sbatch = [c for c in cluster.tb.scheduler_calls() if c.startswith("sbatch") and str(remote_case) in c]
+    assert len(sbatch) == 3
+
+
+def test_exit_code_3_fails_the_beam_with_the_code(tmp_path, cluster):
+    cluster.configure(engine_args="--fail exit --fail-beams 3")
+    cluster.start()
+    drop_case(tmp_path / "inbox", "exit3")
+    case = wait_finished("exit3")
+    jobs = {j.beam: j for j in case.jobs}
+    assert case.status is CaseStatus.FAILED
+    assert jobs[3].status is JobStatus.FAILED and jobs[3].remote_state == "FAILED" and jobs[3].exit_code == 3
+    assert "engine exited with code 3" in jobs[3].error and "ERROR: simulated failure" in jobs[3].error
+    assert jobs[2].status is jobs[4].status is JobStatus.COMPLETED
+
+
+def test_time_limit_is_reported_as_timeout(tmp_path, cluster):
+    cluster.configure(engine_args="--fail hang --fail-beams 3")
+    cluster.start()
+    drop_case(tmp_path / "inbox", "timeout")
+    store = runtime.store()
+    job = poll_until(lambda: running_job("timeout", 3), 120, what="beam 3 running on Slurm")
+    # Slurm's smallest --time is one minute: move the job's end time instead, and Slurm
+    # itself ends it with a real TIMEOUT.
+    assert cluster.tb.ssh(f"scontrol update JobId={job.remote_id} EndTime=now+1").returncode == 0
+    case = wait_finished("timeout", 150)
+    hung = next(j for j in case.jobs if j.beam == 3)
+    assert hung.status is JobStatus.FAILED and hung.remote_state == "TIMEOUT"
+    assert "TIMEOUT" in hung.error and "time limit" in hung.error
+
+
+def test_cancel_runs_scancel_and_fails_case_and_jobs(tmp_path, cluster):
+    from mqi_celery.conductor import cancel_case
+
+    cluster.configure(engine_args="--fail hang")
+    cluster.start()
+    drop_case(tmp_path / "inbox", "cancelme")
+    store = runtime.store()
+    # Two fake GPUs: two beams run, the third waits in Slurm's queue; all three are cancelled.
+    poll_until(lambda: running_job("cancelme", 2) and all(j.remote_id for j in store.get_case("cancelme").jobs),
+               120, what="every beam submitted, beam 2 running")
+    ids = [j.remote_id for j in store.get_case("cancelme").jobs]
+    before = len(cluster.tb.scheduler_calls())
+    assert cancel_case("cancelme")
+    case = store.get_case("cancelme")
+    assert case.status is CaseStatus.FAILED and case.error == "cancelled"
+    assert all(j.status is JobStatus.FAILED and j.error == "cancelled" for j in case.jobs)
+    calls = cluster.tb.scheduler_calls()[before:]
+    assert sorted(c for c in calls if c.startswith("scancel")) == sorted(f"scancel {i}" for i in ids)
+    poll_until(lambda: all("JobState=CANCELLED" in cluster.tb.ssh(f"scontrol show job -o {i}").stdout for i in ids),
+               30, what="Slurm to cancel the jobs")
+
+
+def test_worker_killed_between_sbatch_and_database_write_submits_once(tmp_path, cluster):
+    flag = tmp_path / "kill-once"
+    flag.touch()
+    procs = cluster.configure()
+    procs.env["MQI_FAULT_INJECT"] = f"after_submit:{flag}"
+    # prefork: the pool child dies (SIGKILL) right after sbatch; the message is redelivered.
+    cluster.start(execute_args=("--pool", "prefork", "--concurrency", "2"))
+    drop_case(tmp_path / "inbox", "crash")
+    case = wait_finished("crash", 240)
+    assert not flag.exists()  # the fault did fire
+    assert case.status is CaseStatus.COMPLETED, case.error
+    remote_case = cluster.remote_root / "crash"
+    for beam in (2, 3, 4):
+        sbatch = [c for c in cluster.tb.scheduler_calls()
+                  if c.startswith("sbatch") and f"{remote_case}/beam_{beam}" in c]
+        assert len(sbatch) == 1, sbatch
+        out = cluster.tb.ssh(f"squeue -h -t all -n mqi-crash-{beam} -o %i").stdout.split()
+        assert len(out) == 1, out
+
+
+def test_ten_cases_one_ssh_handshake_per_worker_process(tmp_path, cluster):
+    procs = cluster.configure()
+    before = cluster.tb.accepted_ssh_logins()
+    # Every queue in one worker process (threads): everything it does over SSH shares one
+    # connection. Beat does no SSH.
+    procs.start_worker(",".join(QUEUES), "--pool", "threads", "--concurrency", "8")
+    procs.start_beat()
+    inbox = tmp_path / "inbox"
+    for i in range(10):
+        make_case(inbox, f"case{i:02d}", marker=True, rows_per_layer=2)
+    for i in range(10):
+        assert wait_finished(f"case{i:02d}", 300).status is CaseStatus.COMPLETED
+    assert cluster.tb.accepted_ssh_logins() - before == 1
+
+
+def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):
+    from mqi_celery.remote_executor import poll_jobs
+    from mqi_celery.schedulers import JobSpec
+    from mqi_celery.store import NewJob
+
+    cluster.configure()
+    store, scheduler, host = runtime.store(), runtime.scheduler(), runtime.host()
+    for c in range(10):
+        store.register_case(f"busy{c}", f"/inbox/busy{c}")
+        store.add_jobs(f"busy{c}", [NewJob(b, f"b{b}", "d") for b in (2, 3, 4)])
+        for b in (2, 3, 4):
+            workdir = cluster.remote_root / f"busy{c}" / f"beam_{b}"
+            rid = scheduler.submit(JobSpec(f"mqi-busy{c}-{b}", workdir, "sleep 300", None, 600))
+            store.update_job(f"busy{c}", b, status=JobStatus.RUNNING, remote_id=rid, scheduler="slurm")
+    assert len(store.active_jobs()) == 30
+    before = len(cluster.tb.scheduler_calls())
+    assert poll_jobs() == 30
+    calls = cluster.tb.scheduler_calls()[before:]
+    assert [c.split()[0] for c in calls] == ["squeue"], calls
