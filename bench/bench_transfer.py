@@ -1,9 +1,10 @@
 """SSHHost transfer speed against OpenSSH on the same loopback sshd, same cipher.
 
-    .venv/bin/python bench/bench_transfer.py [--runs 3] [--rekey-control N]
+    .venv/bin/python bench/bench_transfer.py [--runs 3] [--case DIR] [--rekey-control N]
 
 Starts its own testbed (tests/testbed, needs root), then times, interleaved, medians of
---runs: (a) a case-like folder (250 files, ~45 MB) via SSHHost.put_tree vs
+--runs: (a) the real case (../shared fixture when present, or --case DIR; else a generated
+case-like folder of 250 files, ~45 MB) via SSHHost.put_tree vs
 ``tar c | ssh tar x``; (b) 1 GiB up via put_tree vs scp; (c) 1 GiB down via SSHHost.get vs
 scp. "speed" is OpenSSH's time / ours (1.0 = as fast). Every SSHHost transfer runs on one
 pooled connection that ends up carrying > 6 GiB, far past paramiko's own 512 MiB re-key
@@ -35,7 +36,9 @@ from tests.testbed.cluster import Testbed  # noqa: E402
 
 CIPHER = "aes128-gcm@openssh.com"
 GIB = 1 << 30
-STALL_SECONDS = 20  # a healthy 1 GiB transfer here takes 1-4 s; a re-key deadlock 30 s+
+STALL_SECONDS = 20
+REAL_CASE = (Path(__file__).resolve().parents[2] / "shared/fixtures/cases/shi_log"
+             / "1.2.840.113854.19.1.19271.1")  # a healthy 1 GiB transfer here takes 1-4 s; a re-key deadlock 30 s+
 
 
 class RekeyCounter(logging.Handler):
@@ -83,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rekey-control", type=int, default=0, metavar="N")
+    ap.add_argument("--case", type=Path, default=REAL_CASE if REAL_CASE.is_dir() else None,
+                    help="a case folder to upload (default: the real shared case, if present)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mqi-bench-", dir="/tmp"))
@@ -105,8 +110,12 @@ def run_all(tb: Testbed, work: Path, args) -> None:
     ssh = f"ssh -F {tb.ssh_config} -c {CIPHER}"
     scp = f"scp -q -F {tb.ssh_config} -c {CIPHER}"
 
-    case = work / "case"
-    names = make_case(case)
+    if args.case:
+        case = args.case
+        names = sorted(str(p.relative_to(case)) for p in case.rglob("*") if p.is_file())
+    else:
+        case = work / "case"
+        names = make_case(case)
     case_bytes = sum((case / n).stat().st_size for n in names)
     big = work / "big.bin"
     with open(big, "wb") as f:

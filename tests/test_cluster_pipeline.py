@@ -232,3 +232,35 @@ def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):
     assert poll_jobs() == 30
     calls = cluster.tb.scheduler_calls()[before:]
     assert [c.split()[0] for c in calls] == ["squeue"], calls
+
+
+def test_unknown_host_key_fails_the_case_before_any_file_leaves(tmp_path, cluster):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    tb = cluster.tb
+    cluster.configure(transport={"kind": "ssh", "remote_root": str(cluster.remote_root),
+                                 "ssh": {"host": tb.host, "port": tb.ssh_port, "user": tb.user,
+                                         "key_file": str(tb.client_key), "known_hosts": str(empty)}})
+    logins = tb.accepted_ssh_logins()
+    cluster.start()
+    drop_case(tmp_path / "inbox", "untrusted")
+    case = wait_finished("untrusted", 60)
+    assert case.status is CaseStatus.FAILED
+    assert f"{tb.host}" in case.error and str(tb.ssh_port) in case.error
+    assert tb.host_key_fingerprint in case.error and "known_hosts" in case.error
+    assert not (cluster.remote_root / "untrusted").exists()
+    assert tb.accepted_ssh_logins() == logins  # refused before authenticating
+
+
+def test_direct_scheduler_over_ssh(tmp_path, cluster):
+    cluster.configure(scheduler={"kind": "direct", "poll_interval_seconds": 0.5},
+                      engine={"command": f"{ENGINE} {{input_file}}", "gpu_ids": [0, 1], "timeout_seconds": 120})
+    cluster.start()
+    drop_case(tmp_path / "inbox", "workstation")
+    case = wait_finished("workstation")
+    assert case.status is CaseStatus.COMPLETED, case.error
+    assert {j.scheduler for j in case.jobs} == {"direct"}
+    assert [j.gpu_id for j in case.jobs] == [0, 1, 0]
+    remote_case = cluster.remote_root / "workstation"
+    for job in case.jobs:
+        assert (remote_case / f"beam_{job.beam}" / "job.exit").read_text().strip() == "0"
