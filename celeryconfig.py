@@ -15,7 +15,9 @@ broker_url = _settings.broker.url
 result_backend = _settings.broker.result_backend
 broker_connection_retry_on_startup = True
 if broker_url.startswith("filesystem"):
-    # The embedded broker: message files in a folder; control_folder enables ping/inspect.
+    # The embedded broker: message files in a folder (written atomically, see
+    # mqi_celery.embedded_broker); control_folder enables ping/inspect.
+    broker_transport = "mqi_celery.embedded_broker:Transport"
     _folder = _settings.broker.folder
     for _sub in ("queue", "processed", "control"):
         (_folder / _sub).mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ authenticate, and an unknown or changed key is a ``ConfigError`` for the operato
 from __future__ import annotations
 
 import base64
+import logging
 import errno
 import hashlib
 import os
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator
 import paramiko
 
 from .errors import ConfigError, ConnectionError_, MQIError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .config import SSHSettings
@@ -39,8 +42,8 @@ RETIRE_AFTER_BYTES = 1 << 35
 # sshd allows MaxSessions (default 10) channels per connection. Exec and SFTP channels are
 # checked out from bounded pools that together stay below it, however many threads share
 # the connection; a thread that finds none free waits instead of being refused.
-EXEC_CHANNELS = 6
-SFTP_CHANNELS = 3
+EXEC_CHANNELS = 5
+SFTP_CHANNELS = 3  # 5 + 3 = 8: sshd frees a slot only a moment after its channel closed
 
 
 @dataclass
@@ -115,14 +118,22 @@ class Connection:
             self._sftp_slots.release()
 
     def _open(self, opener):
-        # sshd frees a session slot only some time after its channel closed: wait a little
-        for delay in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, None):
+        # sshd frees a session slot only some time after its channel closed: a refused
+        # channel on a live connection means "wait", not "reconnect" (that would cost a
+        # handshake and gain nothing).
+        deadline = time.monotonic() + self.settings.op_timeout
+        delay = 0.05
+        while True:
             try:
                 return opener()
             except paramiko.ChannelException as exc:
-                if delay is None or not self.alive():
+                if not self.alive():
                     raise Dropped(f"cannot open a channel: {exc}") from exc
+                if time.monotonic() > deadline:
+                    raise ConnectionError_(f"{self.settings.host} refused new channels for "
+                                           f"{self.settings.op_timeout:g} s: {exc}") from exc
                 time.sleep(delay)
+                delay = min(delay * 2, 1.0)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise Dropped(f"cannot open a channel: {exc or type(exc).__name__}") from exc
 
@@ -202,6 +213,8 @@ def discard(conn: Connection) -> None:
         if conn.retired:
             return
         stats.reconnects += 1
+    log.warning("SSH connection to %s:%s dropped; the next operation reconnects",
+                conn.settings.host, conn.settings.port)
     _retire(conn)
 
 

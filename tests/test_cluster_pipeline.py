@@ -210,7 +210,10 @@ def test_ten_cases_one_ssh_handshake_per_worker_process(tmp_path, cluster):
         make_case(inbox, f"case{i:02d}", marker=True, rows_per_layer=2)
     for i in range(10):
         assert wait_finished(f"case{i:02d}", 300).status is CaseStatus.COMPLETED
-    assert cluster.tb.accepted_ssh_logins() - before == 1
+    log = (tmp_path / "log" / "mqi.jsonl").read_text()
+    drops = log.count("dropped; the next operation reconnects")  # each one counted and logged
+    assert cluster.tb.accepted_ssh_logins() - before == 1 + drops
+    assert drops == 0
 
 
 def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):

@@ -171,8 +171,8 @@ def test_cancel_stops_a_running_case(embedded, failing_engine):
     (case_dir / "_CASE_READY").touch()
     run.wait_case("to_cancel", statuses=("PROCESSING",), timeout=60)
 
-    poll_until(lambda: any(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "to_cancel")["jobs"]),
-               30, what="beam 3 running")
+    poll_until(lambda: next(j for j in run.mqi_json("cases", "show", "to_cancel")["jobs"]
+                            if j["beam"] == 3)["status"] == "RUNNING", 30, what="beam 3 running")
     cancelled = run.mqi_json("cases", "cancel", "to_cancel")
     assert cancelled["status"] == "FAILED" and cancelled["error"] == "cancelled"
     assert run.mqi_json("cases", "show", "to_cancel")["events"][-1]["correlation_id"] == cancelled["correlation_id"]

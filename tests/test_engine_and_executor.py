@@ -141,3 +141,39 @@ def test_direct_submit_adopts_the_run_of_the_same_token(tmp_path):
     assert sched.submit(quick) == done  # finished with an exit code: adopted, not run again
     retried = JobSpec("mqi-c-3", quick.workdir, "true", None, 60, token="t.1.0")
     assert sched.submit(retried) != done  # a retry of the case has a new token: runs again
+
+
+def test_embedded_broker_never_shows_a_half_written_message(tmp_path):
+    """kombu's folder transport exposes message files while writing them; ours renames
+    a complete file into the queue folder."""
+    import threading
+
+    from kombu import Connection
+
+    folder = str(tmp_path)
+    opts = {"data_folder_in": folder, "data_folder_out": folder}
+    seen_partial = []
+
+    with Connection(transport="mqi_celery.embedded_broker:Transport", transport_options=opts) as conn:
+        channel = conn.default_channel
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                for name in os.listdir(folder):
+                    if name.endswith(".q.msg"):
+                        try:
+                            if os.path.getsize(os.path.join(folder, name)) == 0:
+                                seen_partial.append(name)
+                        except FileNotFoundError:
+                            pass
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            for i in range(300):
+                channel._put("q", {"body": "x" * 5000, "i": i})
+        finally:
+            stop.set()
+            t.join()
+        got = [channel._get("q")["i"] for _ in range(300)]
+    assert seen_partial == [] and sorted(got) == list(range(300))
