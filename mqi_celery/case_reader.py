@@ -126,7 +126,12 @@ def read_case(case_dir: Path) -> CaseInfo:
 
 
 def case_files(case_dir: Path, marker: str) -> list[str]:
-    """Relative paths of the files that make up the case (the marker is not data)."""
+    """Relative paths of the files that make up the case (the marker is not data). A
+    symbolic link is refused: it could make the worker upload any file it can read."""
+    links = [p for p in case_dir.rglob("*") if p.is_symlink()]
+    if links:
+        raise ValidationError(f"case folder {case_dir.name} contains a symbolic link "
+                              f"({links[0].relative_to(case_dir)}); copy real files instead")
     return sorted(str(p.relative_to(case_dir)) for p in case_dir.rglob("*")
                   if p.is_file() and p.name != marker)
 

@@ -29,12 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def workflow(case: Case):
-    cid = case.case_id
+    cid, n = case.case_id, case.attempts  # every task carries the attempt it belongs to
     beams = [j.beam for j in case.jobs if j.status is not JobStatus.COMPLETED]
-    per_beam = [chain(prepare_input.si(cid, b), submit_job.si(cid, b), wait_for_job.si(cid, b)) for b in beams]
-    tail = [download_results.si(cid), verify_results.si(cid), finalize_case.si(cid)]
+    per_beam = [chain(prepare_input.si(cid, b, attempt=n), submit_job.si(cid, b, attempt=n),
+                      wait_for_job.si(cid, b, attempt=n)) for b in beams]
+    tail = [download_results.si(cid, attempt=n), verify_results.si(cid, attempt=n), finalize_case.si(cid, attempt=n)]
     middle = [chord(per_beam, tail[0]), *tail[1:]] if per_beam else tail
-    return chain(upload_case.si(cid), *middle).on_error(handle_failure.s(case_id=cid))
+    return chain(upload_case.si(cid, attempt=n), *middle).on_error(handle_failure.s(case_id=cid, attempt=n))
 
 
 def dispatch(case_id: str) -> None:
@@ -58,7 +59,8 @@ def verify_results(self, case_id: str) -> str:
             continue
         problem = _check_results(folder, job.results)
         if problem:
-            store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=f"result verification: {problem}")
+            store.update_job(case_id, job.beam, status=JobStatus.FAILED, results={},
+                             error=f"result verification: {problem}")
     return "verified"
 
 
@@ -168,7 +170,7 @@ def retry_case(case_id: str) -> Case:
 def _retry(case: Case) -> Case:
     store, case_id = runtime.store(), case.case_id
     messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
-    if case.step == "validation":  # the folder may have been fixed: validate it again
+    if case.step == "validation" or not case.jobs:  # the folder may have been fixed: validate again
         from .scanner import admit
 
         store.update_case(case_id, attempts=case.attempts + 1)

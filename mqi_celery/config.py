@@ -28,7 +28,7 @@ class Section(BaseModel):
 class Paths(Section):
     inbox: Path = Path("var/inbox")
     results: Path = Path("var/results")
-    work: Path = Path("var/work")  # local staging: generated inputs, logs of direct jobs
+    work: Path = Path("var/work")  # beat schedule and other local state
     logs: Path = Path("var/log")
 
 
@@ -106,6 +106,8 @@ class Transport(Section):
 class Scheduler(Section):
     kind: Literal["direct", "slurm"] = "direct"
     poll_interval_seconds: float = Field(2.0, gt=0)
+    # A job that never starts (no node can ever satisfy it) fails after this long.
+    max_queue_seconds: float = Field(86400.0, gt=0)
     slurm: SlurmSettings = SlurmSettings()  # used when kind is slurm
 
 
@@ -133,6 +135,11 @@ class Engine(Section):
     def _has_input(cls, value: str) -> str:
         if "{input_file}" not in value:
             raise ValueError("must contain {input_file} where the MOQUI input file goes")
+        try:
+            value.format(input_file="x", job_dir="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{input_file}} and {{job_dir}} may stand in braces (write {{{{ }}}} for "
+                             f"a literal brace): {exc!r}") from None
         return value
 
 

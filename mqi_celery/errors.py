@@ -52,10 +52,6 @@ class ConfigError(MQIError):
     """The configuration is wrong; the operator must fix it. Never retried."""
 
 
-class CaseCancelled(MQIError):
-    """The case was cancelled by a user; remaining steps stop quietly."""
-
-
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same step later can reasonably succeed."""
     if isinstance(exc, MQIError):

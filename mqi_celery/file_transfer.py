@@ -70,6 +70,10 @@ def download_verified(host: Host, remote_dir: PurePosixPath, local_dir: Path) ->
     return got
 
 
+def results_intact(folder: Path, results: dict[str, str]) -> bool:
+    return bool(results) and all((folder / n).is_file() and file_sha256(folder / n) == h for n, h in results.items())
+
+
 @app.task(name="mqi.upload_case", base=PipelineTask, bind=True)
 def upload_case(self, case_id: str) -> str:
     store = runtime.store()
@@ -98,8 +102,8 @@ def download_results(self, case_id: str) -> str:
         return "skipped: case no longer active"
     local_dir = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:
-        if job.status is not JobStatus.COMPLETED:
-            continue
+        if job.status is not JobStatus.COMPLETED or results_intact(local_dir, job.results):
+            continue  # failed beams have nothing; a retry keeps what is already verified here
         try:
             files = download_verified(host, remote_output_dir(host.root, case_id, job.beam), local_dir)
         except MQIError as exc:

@@ -2,8 +2,8 @@
 
 A ``Host`` offers exactly what the pipeline needs: run a shell command, move files in
 and out, hash files where they lie. ``LocalHost`` is the embedded default: the "remote"
-root is a local folder and commands run as local processes. SSH comes later with the
-same interface, so transfers and schedulers are written once.
+root is a local folder and commands run as local processes; ``ssh_host.SSHHost`` offers
+the same interface over SSH, so transfers and schedulers are written once.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ COMPONENT = {
     "case_completed": "conductor",
     "case_failed": "conductor",
     "case_retried": "conductor",
-    "case_cancelled": "conductor",
     "system_status_update": "curator",
 }
 

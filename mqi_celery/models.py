@@ -37,8 +37,9 @@ CASE_TRANSITIONS: dict[CaseStatus, frozenset[CaseStatus]] = {
 
 JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
-    JobStatus.RUNNING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.PENDING}),
-    JobStatus.COMPLETED: frozenset({JobStatus.PENDING}),
+    JobStatus.RUNNING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),
+    # COMPLETED -> FAILED: its results did not verify after download.
+    JobStatus.COMPLETED: frozenset({JobStatus.PENDING, JobStatus.FAILED}),
     JobStatus.FAILED: frozenset({JobStatus.PENDING}),
 }
 

@@ -2,8 +2,10 @@
 and wait until it is over; plus the batched poller that asks each host once per interval
 about all its active jobs and writes what it learns to the database.
 
-``wait_for_job`` only reads the database; its polling (``self.retry`` with the poll
-interval) is kept apart from error retries so polling never eats the error budget.
+``wait_for_job`` learns about its job from the database (the poller writes it); it judges
+the finished run, kills one past its deadline and resubmits after a node failure. Its
+polling (``self.retry`` with the poll interval) is kept apart from error retries so
+polling never eats the error budget.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def prepare_input(self, case_id: str, beam: int) -> str:
                                input_dir=remote_input_dir(host.root, case_id), delivery_dir=job.delivery_dir,
                                output_dir=remote_output_dir(host.root, case_id, beam),
                                gantry=engine.gantry_number(machine, settings.engine.gantry_num))
-    host.remove_tree(remote_output_dir(host.root, case_id, beam))  # a rerun starts clean
+    host.remove_tree(job_dir)  # a rerun starts clean: no old log, exit code or output
     host.write_text(job_dir / "moqui_tps.in", text)
     runtime.store().update_job(case_id, beam, step="input written",
                                gpu_id=_gpu_for([j.beam for j in case.jobs].index(beam)))
@@ -81,25 +83,35 @@ def _submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
                    gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds, token=token)
     remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
     faults.point("after_submit")  # crash tests: die between the submit and the database write
-    runtime.store().update_job(case_id, beam, step="submitted", scheduler=scheduler.kind, remote_id=remote_id,
-                               remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
-                               finished_at=None, error=None, **fields)
+    recorded = runtime.store().update_job(
+        case_id, beam, only_from={JobStatus.PENDING, JobStatus.RUNNING}, step="submitted", scheduler=scheduler.kind,
+        remote_id=remote_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
+        finished_at=None, error=None, **fields)
+    if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
+        scheduler.cancel(remote_id, job_dir)
+        return "cancelled"
     runtime.store().update_case(case_id, step="running")
     messages.emit("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
                                         "host": host.name, "gpu": gpu_id}, case_id=case_id)
     return remote_id
 
 
-def _deadline_passed(job, scheduler, settings) -> bool:
-    """The engine's time counts from its start (queue time is not its fault). Where the
-    scheduler enforces the limit itself, ours is a backstop a little later."""
-    start = job.started_at or (None if scheduler.enforces_time_limit else job.submitted_at)
-    if start is None:
-        return False
-    limit = settings.engine.timeout_seconds
+def _overdue(job, scheduler, settings) -> str | None:
+    """Why the job must be stopped now, if it must. The engine's time counts from its start
+    (queue time is not its fault); where the scheduler enforces the limit itself, ours is a
+    backstop a little later. Waiting in the queue has its own, longer limit."""
+    now, limit = utcnow(), settings.engine.timeout_seconds
+    if job.started_at is None and scheduler.enforces_time_limit:
+        queued = settings.scheduler.max_queue_seconds
+        if job.submitted_at and now - job.submitted_at > timedelta(seconds=queued):
+            return f"job waited in the scheduler's queue longer than {queued:g} s without starting; job cancelled"
+        return None
+    start = job.started_at or job.submitted_at
     if scheduler.enforces_time_limit:
         limit += 60 + 2 * settings.scheduler.poll_interval_seconds
-    return utcnow() - start > timedelta(seconds=limit)
+    if start and now - start > timedelta(seconds=limit):
+        return f"engine did not finish within {settings.engine.timeout_seconds:g} s (timeout); job killed"
+    return None
 
 
 @app.task(name="mqi.wait_for_job", base=PipelineTask, bind=True, max_retries=None, polling=True)
@@ -113,14 +125,14 @@ def wait_for_job(self, case_id: str, beam: int) -> str:
     host = runtime.host()
     job_dir = remote_job_dir(host.root, case_id, beam)
     if job.finished_at is None:
-        if not _deadline_passed(job, scheduler, settings):
+        overdue = _overdue(job, scheduler, settings)
+        if overdue is None:
             raise self.retry(countdown=settings.scheduler.poll_interval_seconds, max_retries=None)
         # Past the deadline: ask once more (the poller may just not have come by), then kill.
         state = scheduler.poll({job.remote_id: job_dir}).get(job.remote_id)
         if state is None or not state.finished:
             scheduler.cancel(job.remote_id, job_dir)
-            limit = settings.engine.timeout_seconds
-            return _finish(case_id, beam, f"engine did not finish within {limit:g} s (timeout); job killed")
+            return _finish(case_id, beam, overdue)
         job = store.update_job(case_id, beam, remote_state=state.state, exit_code=state.exit_code,
                                finished_at=utcnow())
     if job.remote_state in scheduler.transient_states and job.resubmits < settings.retry.max_retries:
@@ -169,5 +181,6 @@ def poll_jobs() -> int:
             fields["started_at"] = utcnow()
         if state.finished:
             fields.update(exit_code=state.exit_code, finished_at=utcnow())
-        store.update_job(job.case_id, job.beam, only_from={JobStatus.RUNNING}, **fields)
+        store.update_job(job.case_id, job.beam, only_from={JobStatus.RUNNING}, if_remote_id=job.remote_id,
+                         **fields)
     return len(active)

@@ -93,16 +93,21 @@ def admit(case_id: str) -> bool:
     with logs.bound(case.trace_id):
         try:
             info = case_reader.read_case(case_dir)
-        except ValidationError as exc:
-            store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=str(exc))
-            messages.emit("new_case_found", {"path": str(case_dir), "valid": False}, case_id=case_id)
-            messages.emit("case_failed", {"reason": str(exc), "step": "validation"}, case_id=case_id)
+            files = case_reader.manifest(case_dir, settings.scanner.marker)
+        except (ValidationError, OSError, AttributeError, ValueError, KeyError) as exc:
+            # Not only ValidationError: an unreadable file or a plan missing a tag must fail
+            # the case with a reason too, never leave it NEW for ever.
+            reason = str(exc) if isinstance(exc, ValidationError) else \
+                f"could not read the case folder ({type(exc).__name__}: {exc}); fix it, then `mqi cases retry`"
+            store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason)
+            messages.emit("new_case_found", {"valid": False}, case_id=case_id)
+            messages.emit("case_failed", {"reason": reason, "step": "validation"}, case_id=case_id)
             return False
-        files = case_reader.manifest(case_dir, settings.scanner.marker)
         store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
         store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
                           study_uid=info.study_uid)
-        messages.emit("new_case_found", {"path": str(case_dir), "valid": True, "files": len(files),
+        # No path: nested layouts put the patient id in it; events carry case ids only.
+        messages.emit("new_case_found", {"valid": True, "files": len(files),
                                          "beams": [b.number for b in info.beams]}, case_id=case_id)
         from .conductor import dispatch  # the conductor imports task modules; keep scanner light
 

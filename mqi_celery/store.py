@@ -121,7 +121,9 @@ class Store:
 
     def _update(self, model, where, kind, status_type, status, only_from, fields):
         with self.session() as s:
-            row = self._lock(s, model, *where).one()
+            row = self._lock(s, model, *where).one_or_none()
+            if row is None:
+                return None
             current = status_type(row.status)
             if only_from is not None and current not in set(only_from):
                 return None
@@ -151,9 +153,14 @@ class Store:
                                                           db.JobRow.beam == beam)).one())
 
     def update_job(self, case_id: str, beam: int, *, status: JobStatus | None = None,
-                   only_from: Iterable[JobStatus] | None = None, **fields: Any) -> Job | None:
-        row = self._update(db.JobRow, (db.JobRow.case_id == case_id, db.JobRow.beam == beam), "job",
-                           JobStatus, status, only_from, fields)
+                   only_from: Iterable[JobStatus] | None = None, if_remote_id: str | None = None,
+                   **fields: Any) -> Job | None:
+        """``if_remote_id``: change nothing (None) unless the job is still that run — a
+        resubmit in between must not receive the old run's outcome."""
+        where = (db.JobRow.case_id == case_id, db.JobRow.beam == beam)
+        if if_remote_id is not None:
+            where += (db.JobRow.remote_id == if_remote_id,)
+        row = self._update(db.JobRow, where, "job", JobStatus, status, only_from, fields)
         return None if row is None else _job(row)
 
     def active_jobs(self) -> list[Job]:

@@ -41,8 +41,15 @@ class PipelineTask(Task):
     #: A polling task retries transient faults at its poll interval, bounded by its own
     #: deadline, because its retry counter already counts polls.
     polling = False
+    #: ``attempt`` travels in the kwargs (checked here, never passed to ``run``).
+    typing = False
 
     def __call__(self, *args, **kwargs):
+        attempt = kwargs.pop("attempt", None)
+        if attempt is not None and _superseded(case_id_of(args, kwargs), attempt):
+            # A task of an earlier run of this case (cancelled, then retried) woke up late.
+            log.info("%s: skipped, the case has moved on from attempt %s", self.name, attempt)
+            return "skipped: superseded attempt"
         try:
             return super().__call__(*args, **kwargs)
         except Retry:
@@ -65,6 +72,11 @@ class PipelineTask(Task):
             if isinstance(exc, MQIError):
                 exc.message = f"{exc.message} (gave up after {budget} retries)"
             raise
+
+
+def _superseded(case_id: str | None, attempt: int) -> bool:
+    case = runtime.store().get_case(case_id) if case_id else None
+    return case is not None and case.attempts != attempt
 
 
 @lru_cache(maxsize=1024)

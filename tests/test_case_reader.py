@@ -41,3 +41,12 @@ def test_manifest_hashes_every_file_but_the_marker(tmp_path):
     assert "_CASE_READY" not in files
     assert len(files) == 1 + 3 * 2 + 2 * (34 + 32 + 42)
     assert all(len(h) == 64 for h in files.values())
+
+
+def test_symbolic_links_are_refused(tmp_path):
+    from mqi_celery.case_reader import manifest
+
+    case = make_case(tmp_path)
+    (case / BEAMS[2] / "extra.ptn").symlink_to("/etc/passwd")
+    with pytest.raises(ValidationError, match="symbolic link"):
+        manifest(case, "_CASE_READY")

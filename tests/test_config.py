@@ -98,3 +98,10 @@ def test_config_check_command(tmp_path):
 def test_settings_sections_forbid_extra_keys():
     with pytest.raises(Exception):
         Settings.model_validate({"paths": {"inbox": "x", "outbox": "y"}})
+
+
+def test_engine_command_with_unknown_placeholder_is_refused(tmp_path):
+    f = tmp_path / "site.yaml"
+    f.write_text("engine:\n  command: moqui {input_file} --gpu {gpu}\n")
+    with pytest.raises(ConfigError, match="engine.command"):
+        load_settings(f, environ={})

@@ -177,3 +177,22 @@ def test_embedded_broker_never_shows_a_half_written_message(tmp_path):
             t.join()
         got = [channel._get("q")["i"] for _ in range(300)]
     assert seen_partial == [] and sorted(got) == list(range(300))
+
+
+def test_deadlines_count_engine_time_and_queue_time_apart():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from mqi_celery.config import Settings
+    from mqi_celery.db import utcnow
+    from mqi_celery.remote_executor import _overdue
+
+    s = Settings.model_validate({"engine": {"timeout_seconds": 100}, "scheduler": {"max_queue_seconds": 1000}})
+    slurm, direct = SimpleNamespace(enforces_time_limit=True), SimpleNamespace(enforces_time_limit=False)
+    ago = lambda sec: utcnow() - timedelta(seconds=sec)  # noqa: E731
+    queued = SimpleNamespace(submitted_at=ago(500), started_at=None)
+    assert _overdue(queued, slurm, s) is None  # queue time is not the engine's
+    assert "queue longer than 1000 s" in _overdue(SimpleNamespace(submitted_at=ago(2000), started_at=None), slurm, s)
+    running = SimpleNamespace(submitted_at=ago(500), started_at=ago(150))
+    assert _overdue(running, slurm, s) is None  # Slurm's own TIMEOUT comes first
+    assert "within 100 s (timeout)" in _overdue(running, direct, s)

@@ -76,3 +76,13 @@ def test_retry_validates_a_fixed_case_again(config_file, monkeypatch):
     fixed = retry_case("fixable")
     assert fixed.status is CaseStatus.QUEUED and fixed.error is None and dispatched == ["fixable"]
     assert [j.beam for j in fixed.jobs] == [2, 3, 4]
+
+
+def test_an_unreadable_case_fails_with_a_reason_instead_of_staying_new(config_file, monkeypatch):
+    def broken(_path):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("mqi_celery.case_reader.read_case", broken)
+    make_case(runtime.settings().paths.inbox, "locked", marker=True)
+    assert scan_once() == ["locked"]
+    case = runtime.store().get_case("locked")
+    assert case.status is CaseStatus.FAILED and "could not read the case folder" in case.error

@@ -76,3 +76,31 @@ def test_events_are_recorded_in_order(config_file):
     events = store.events("c1")
     assert [e["command"] for e in events] == ["new_case_found", "case_failed"]
     assert events[0]["payload"] == {"case_id": "c1", "valid": True}
+
+
+def test_a_completed_job_whose_results_fail_verification_can_fail(config_file):
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    store.add_jobs("c1", [NewJob(2, "a", "d2")])
+    store.update_job("c1", 2, status=JobStatus.RUNNING)
+    store.update_job("c1", 2, status=JobStatus.COMPLETED)
+    assert store.update_job("c1", 2, status=JobStatus.FAILED, results={}).status is JobStatus.FAILED
+
+
+def test_the_poller_only_updates_the_run_it_asked_about(config_file):
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    store.add_jobs("c1", [NewJob(2, "a", "d2")])
+    store.update_job("c1", 2, status=JobStatus.RUNNING, remote_id="new")
+    assert store.update_job("c1", 2, if_remote_id="old", exit_code=1) is None
+    assert store.get_job("c1", 2).exit_code is None
+
+
+def test_tasks_of_an_earlier_attempt_skip_themselves(config_file):
+    from mqi_celery.conductor import finalize_case
+
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    store.update_case("c1", attempts=2)
+    assert finalize_case("c1", attempt=1) == "skipped: superseded attempt"
+    assert finalize_case("c1", attempt=2) == "skipped: case is NEW"  # the current attempt runs
