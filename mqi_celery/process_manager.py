@@ -19,7 +19,7 @@ from .tasks import QUEUES
 def worker_command(settings: Settings, *, queues=QUEUES, beat: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "celery", "-A", "mqi_celery", "worker", "-Q", ",".join(queues),
            "--pool", settings.worker.pool, "--concurrency", str(settings.worker.concurrency),
-           "--loglevel", settings.worker.log_level, "--hostname", f"mqi-all@%h"]
+           "--loglevel", settings.worker.log_level, "--hostname", "mqi-all@%h"]
     if beat:
         cmd += ["--beat", "--schedule", str(settings.paths.work / "celerybeat-schedule")]
     return cmd

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mqi_celery import runtime
+from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (the real sshd + Slurm, for every test)
 
 BIN = Path(sys.executable).parent
 

@@ -16,7 +16,6 @@ from mqi_celery.tasks import QUEUES
 from tests.casegen import STUDY_UID, make_case
 from tests.conftest import poll_until
 from tests.services import CeleryProcesses, postgres_database, rabbitmq_vhost
-from tests.testbed.fixtures import slurm_testbed  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
@@ -74,7 +73,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path, config_file, slurm_testbed):  # noqa: F811
+def cluster(tmp_path, config_file, slurm_testbed):
     with rabbitmq_vhost() as broker, postgres_database() as database:
         c = Cluster(tmp_path, config_file, slurm_testbed, broker, database)
         try:
@@ -145,7 +144,6 @@ def test_time_limit_is_reported_as_timeout(tmp_path, cluster):
     cluster.configure(engine_args="--fail hang --fail-beams 3")
     cluster.start()
     drop_case(tmp_path / "inbox", "timeout")
-    store = runtime.store()
     job = poll_until(lambda: running_job("timeout", 3), 120, what="beam 3 running on Slurm")
     # Slurm's smallest --time is one minute: move the job's end time instead, and Slurm
     # itself ends it with a real TIMEOUT.
@@ -222,7 +220,7 @@ def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):
     from mqi_celery.store import NewJob
 
     cluster.configure()
-    store, scheduler, host = runtime.store(), runtime.scheduler(), runtime.host()
+    store, scheduler = runtime.store(), runtime.scheduler()
     for c in range(10):
         store.register_case(f"busy{c}", f"/inbox/busy{c}")
         store.add_jobs(f"busy{c}", [NewJob(b, f"b{b}", "d") for b in (2, 3, 4)])

@@ -193,7 +193,6 @@ def _alive(pid: int) -> bool:
 
 
 def test_sigterm_stops_the_worker_too(embedded):
-    import os
     import signal
 
     run = embedded()

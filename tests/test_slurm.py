@@ -22,7 +22,6 @@ from mqi_celery.slurm import (TRANSIENT_STATES, SlurmScheduler, SlurmSettings, f
                               reason_for, render_batch_script, sacct_command, sbatch_command,
                               scontrol_batch_command, scontrol_command, squeue_command, state_to_remote,
                               write_script_command)
-from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (session fixture)
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
 HOSTILE_NAME = "mqi-it's $(touch pwned) `id` x|y; \"q\" #c"

@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -25,7 +24,7 @@ from mqi_celery.file_transfer import download_verified, upload_verified
 from mqi_celery.hosts import LocalHost, file_sha256
 from mqi_celery.config import SSHSettings
 from mqi_celery.ssh_host import SSHHost, parse_sha256sum
-from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (session fixture)
+from tests.conftest import poll_until
 
 pytestmark = pytest.mark.slurm
 
@@ -61,14 +60,6 @@ def make_tree(base: Path, names: list[str]) -> dict[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(os.urandom(i * 7919) + name.encode())
     return {name: file_sha256(base / name) for name in names}
-
-
-def wait_for(what: str, ready, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := ready()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 # ---------------------------------------------------------------- contract (both hosts)
@@ -263,7 +254,7 @@ def test_many_operations_one_login(slurm_testbed, tmp_path):
         assert host.read_tail(dst / "log") == f"run {i}"
         assert host.run("true").returncode == 0
         host.rename(dst, host.root / f"done{i}")
-    wait_for("the login to be logged", lambda: tb.accepted_ssh_logins() > logins)
+    poll_until(lambda: tb.accepted_ssh_logins() > logins, 10, 0.02, "the login to be logged")
     assert tb.accepted_ssh_logins() == logins + 1
     assert SSHHost.stats.handshakes == handshakes + 1
 
@@ -278,12 +269,12 @@ def test_dropped_connection_reopened_once(slurm_testbed, noticed):
     conn.transport.sock.shutdown(socket.SHUT_RDWR)  # the network drops the connection
     conn.transport.sock.close()
     if noticed:
-        wait_for("paramiko to notice", lambda: not conn.transport.is_active())
+        poll_until(lambda: not conn.transport.is_active(), 10, 0.02, "paramiko to notice")
     assert host.read_tail(host.root / "f") == "before"  # SFTP on a new connection
     assert SSHHost.stats.reconnects == reconnects + 1
     assert host.run("echo again").stdout == "again\n"
     assert SSHHost.stats.reconnects == reconnects + 1
-    wait_for("the new login", lambda: slurm_testbed.accepted_ssh_logins() == logins + 1)
+    poll_until(lambda: slurm_testbed.accepted_ssh_logins() == logins + 1, 10, 0.02, "the new login")
 
 
 def test_threads_share_one_connection(slurm_testbed, tmp_path):

@@ -10,7 +10,6 @@ import time
 import paramiko
 import pytest
 
-from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slurm
 
