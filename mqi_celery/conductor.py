@@ -22,6 +22,7 @@ from .errors import MQIError
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
 from .models import TERMINAL_CASE, TERMINAL_JOB, Case, CaseStatus, JobStatus
+from .naming import remote_job_dir
 from .remote_executor import prepare_input, submit_job, wait_for_job
 from .tasks import PipelineTask
 
@@ -116,12 +117,18 @@ def _write_report(case: Case) -> None:
 
 @app.task(name="mqi.handle_failure", base=PipelineTask)
 def handle_failure(request, exc, traceback, case_id: str) -> None:
-    """Errback of the whole canvas: the case fails with the reason of the failed step."""
+    """Errback of the whole canvas: the case fails with the reason of the failed step.
+
+    Celery runs this inline in the worker whose task failed, where nothing retries it; the
+    work itself is a task of its own so that a database blip is retried, not lost."""
     reason = str(exc) if isinstance(exc, MQIError) else f"internal error in {request.task}: " \
                                                        f"{type(exc).__name__}: {exc}"
-    case = runtime.store().get_case(case_id)
-    with logs.bound(case.trace_id if case else None):  # errbacks may run outside the case's task
-        fail_case(case_id, reason)
+    stop_case.apply_async((case_id, reason))
+
+
+@app.task(name="mqi.stop_case", base=PipelineTask)
+def stop_case(case_id: str, reason: str) -> bool:
+    return fail_case(case_id, reason)
 
 
 def fail_case(case_id: str, reason: str) -> bool:
@@ -130,23 +137,27 @@ def fail_case(case_id: str, reason: str) -> bool:
     case = store.get_case(case_id)
     if case is None or case.status in TERMINAL_CASE:
         return False
-    scheduler, host = runtime.scheduler(), runtime.host()
-    from .naming import remote_job_dir
-
     for job in case.jobs:
         if job.status in TERMINAL_JOB:
             continue
         if job.status is JobStatus.RUNNING and job.remote_id and job.finished_at is None:
-            try:
-                scheduler.cancel(job.remote_id, remote_job_dir(host.root, case_id, job.beam))
-            except MQIError as exc:
-                log.warning("could not cancel beam %s of %s: %s", job.beam, case_id, exc)
+            _cancel_run(job, case_id)
         store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped")
     if store.update_case(case_id, status=CaseStatus.FAILED, error=reason,
                          only_from={CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING}) is None:
         return False
     messages.emit("case_failed", {"reason": reason}, case_id=case_id)
     return True
+
+
+def _cancel_run(job, case_id: str) -> None:
+    """Best effort: the case fails whether or not the host answers (the host may be the
+    very fault that failed it); a run left behind is logged."""
+    try:
+        host = runtime.host()
+        runtime.scheduler().cancel(job.remote_id, remote_job_dir(host.root, case_id, job.beam))
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        log.warning("could not cancel beam %s of %s (%s): %s", job.beam, case_id, job.remote_id, exc)
 
 
 def cancel_case(case_id: str) -> bool:

@@ -31,6 +31,7 @@ ROUTES = {
     "mqi.verify_results": {"queue": "conductor"},
     "mqi.finalize_case": {"queue": "conductor"},
     "mqi.handle_failure": {"queue": "conductor"},
+    "mqi.stop_case": {"queue": "conductor"},
     "mqi.report_system_status": {"queue": "curator"},
 }
 

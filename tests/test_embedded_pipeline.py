@@ -207,3 +207,15 @@ def _child_pids(pid: int) -> list[int]:
     import pathlib
 
     return [int(p) for p in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_step_that_fails_for_good_fails_the_case_with_its_reason(embedded, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the remote root cannot be created below a file")
+    run = embedded(transport={"remote_root": str(blocker / "remote")})
+    make_case(run.inbox, "blocked", marker=True)
+    case = run.wait_case("blocked", timeout=60)
+    assert case["status"] == "FAILED"
+    assert "internal error in mqi.upload_case" in case["error"] and "NotADirectoryError" in case["error"]
+    assert all(j["status"] == "FAILED" for j in case["jobs"])
+    assert [e["command"] for e in case["events"]][-1] == "case_failed"
