@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import subprocess
-import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -15,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from mqi_celery.errors import ExecutionError
+from tests.conftest import poll_until
 from mqi_celery.hosts import CommandResult
 from mqi_celery.schedulers import JobSpec, RemoteState
 from mqi_celery.slurm import (TRANSIENT_STATES, SlurmScheduler, SlurmSettings, find_by_name_command,
@@ -294,24 +294,19 @@ class Bed:
                        command=shlex.join(["sh", "-c", shell]), gpu_id=None, time_limit_seconds=limit)
 
     def wait(self, jobs: dict[str, PurePosixPath], done, timeout: float = 60) -> dict[str, RemoteState]:
-        deadline = time.monotonic() + timeout
-        while True:
-            states = self.sched.poll(jobs)
-            if all(done(s) for s in states.values()):
-                return states
-            assert time.monotonic() < deadline, f"timed out waiting: {states}"
-            time.sleep(0.2)
+        return poll_until(lambda: (s := self.sched.poll(jobs)) and all(done(x) for x in s.values()) and s,
+                          timeout, 0.2, f"jobs {list(jobs)} to reach the wanted state")
 
     def live_ids(self) -> list[str]:
         out = self.tb.ssh("squeue -h -o '%i|%j'").stdout
         return [i for i, _, name in (line.partition("|") for line in out.splitlines()) if self.tag in name]
 
     def cleanup(self) -> None:
-        deadline = time.monotonic() + 30
-        while ids := self.live_ids():
-            self.tb.ssh("scancel " + " ".join(ids))
-            assert time.monotonic() < deadline, f"jobs {ids} survive scancel"
-            time.sleep(0.2)
+        def gone() -> bool:
+            if ids := self.live_ids():
+                self.tb.ssh("scancel " + " ".join(ids))
+            return not ids
+        poll_until(gone, 30, 0.2, "this test's jobs to leave squeue after scancel")
 
 
 @pytest.fixture

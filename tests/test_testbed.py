@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 
 import paramiko
 import pytest
+
+from tests.conftest import poll_until
 
 
 pytestmark = pytest.mark.slurm
@@ -16,14 +17,10 @@ pytestmark = pytest.mark.slurm
 
 def wait_job(tb, job_id: str, final: set[str], timeout: float = 30) -> dict[str, str]:
     """Poll `scontrol show job -o` over ssh until JobState is in `final`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = tb.ssh(f"scontrol show job -o {job_id}")
-        fields = dict(re.findall(r"(\w+)=(\S*)", r.stdout))
-        if fields.get("JobState") in final:
-            return fields
-        assert time.monotonic() < deadline, f"job {job_id} not in {final}: {r.stdout}{r.stderr}"
-        time.sleep(0.1)
+    def fields():
+        f = dict(re.findall(r"(\w+)=(\S*)", tb.ssh(f"scontrol show job -o {job_id}").stdout))
+        return f if f.get("JobState") in final else None
+    return poll_until(fields, timeout, 0.1, f"job {job_id} to reach {final}")
 
 
 def submit(tb, args: str) -> str:
