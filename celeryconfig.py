@@ -12,8 +12,12 @@ from mqi_celery.tasks import QUEUES, ROUTES
 _settings = runtime.settings()
 
 broker_url = _settings.broker.url
+# Results are kept for Flower and debugging only: no chord, no task ever waits on one.
 result_backend = _settings.broker.result_backend
+# The broker may restart at any time (a RabbitMQ upgrade): workers reconnect for ever.
 broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+_amqp = broker_url.startswith(("amqp", "pyamqp"))
 if broker_url.startswith("filesystem"):
     # The embedded broker: message files in a folder (written atomically, see
     # mqi_celery.embedded_broker); control_folder enables ping/inspect.
@@ -29,8 +33,16 @@ if broker_url.startswith("filesystem"):
         "control_folder": str(_folder / "control"),
     }
 
-# Explicit queues and exchange: routing never depends on implicit declarations.
-task_queues = [Queue(q, Exchange("mqi", type="direct"), routing_key=q) for q in QUEUES]
+# Explicit queues and exchange: routing never depends on implicit declarations. On RabbitMQ
+# the queues are quorum queues (replicated, durable; delayed retries are held by the broker,
+# not in a worker, so a countdown never trips RabbitMQ's consumer_timeout). They need an
+# explicit topic exchange for Celery's broker-side delayed delivery, and publisher confirms:
+# a publish returns only once RabbitMQ has the message.
+_exchange = Exchange("mqi", type="topic" if _amqp else "direct", durable=True)
+_queue_args = {"x-queue-type": "quorum"} if _amqp else None
+task_queues = [Queue(q, _exchange, routing_key=q, durable=True, queue_arguments=_queue_args) for q in QUEUES]
+if _amqp:
+    broker_transport_options = {"confirm_publish": True}
 task_routes = ROUTES
 task_default_queue = "conductor"
 
@@ -44,9 +56,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True
 result_extended = True
-# A failing beam task reaches the errback itself (with its own exception), not only as
-# the chord's ChordError: the case's reason names the real fault.
-task_allow_error_cb_on_chord_header = True
+# Retry countdowns (retry.backoff_max_seconds, at most a few minutes) stay far below
+# RabbitMQ's consumer_timeout (30 min): the pipeline never schedules anything far ahead;
+# what must happen later is found again by the reconciler from the database.
 
 # Flower and the Prometheus exporter need task events.
 worker_send_task_events = True
@@ -62,5 +74,7 @@ beat_schedule = {
                    "options": {"expires": _settings.scanner.interval_seconds}},
     "poll-jobs": {"task": "mqi.poll_jobs", "schedule": _settings.scheduler.poll_interval_seconds,
                   "options": {"expires": _settings.scheduler.poll_interval_seconds}},
+    "reconcile": {"task": "mqi.reconcile", "schedule": _settings.reconciler.interval_seconds,
+                  "options": {"expires": _settings.reconciler.interval_seconds}},
     "system-status": {"task": "mqi.report_system_status", "schedule": 60.0, "options": {"expires": 60.0}},
 }

@@ -56,7 +56,8 @@ def _store():
 
 def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True) -> dict:
     d = {"case_id": case.case_id, "path": case.path, "status": case.status.value, "step": case.step,
-         "error": case.error, "attempts": case.attempts, "correlation_id": case.trace_id,
+         "error": case.error, "waiting_for": case.wait_reason, "stage": case.stage,
+         "attempts": case.attempts, "correlation_id": case.trace_id,
          "created_at": case.created_at.isoformat() + "Z" if case.created_at else None,
          "updated_at": case.updated_at.isoformat() + "Z" if case.updated_at else None}
     if with_jobs:
@@ -83,7 +84,8 @@ def cases_table(cases: list[Case]) -> Table:
     for c in cases:
         beams = " ".join(f"{j.beam}:{j.status.value[0]}" for j in c.jobs)
         color = colors.get(c.status.value, "white")
-        table.add_row(c.case_id, f"[{color}]{c.status.value}[/{color}]", c.step or "", beams, c.error or "")
+        table.add_row(c.case_id, f"[{color}]{c.status.value}[/{color}]", c.step or "", beams,
+                      c.error or (f"waiting: {c.wait_reason}" if c.wait_reason else ""))
     return table
 
 
@@ -107,12 +109,14 @@ def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with 
 def cases_show(case_id: str, as_json: bool = JsonOpt):
     """One case with its jobs and events."""
     case = _case_or_exit(case_id)
-    d = case_dict(case, events=_store().events(case_id))
+    d = case_dict(case, events=_store().events(case_id, with_hosts=True))
     if as_json:
         print(json.dumps(d, indent=2))
         return
     console.print(cases_table([case]))
     console.print(f"path: {case.path}", highlight=False)
+    if case.wait_reason:
+        console.print(f"[yellow]waiting: {case.wait_reason}[/yellow]", highlight=False)
     for j in d["jobs"]:
         console.print(f"beam {j['beam']} ({j['beam_name']}): {j['status']} {j['error'] or ''}", highlight=False)
     for e in d["events"]:
@@ -179,35 +183,43 @@ def _interrupt(*_):
 
 @app.command("run")
 def run(live: bool = typer.Option(True, help="Live table of cases (off: one line per change).")):
-    """The embedded all-in-one: a worker on every queue with beat, and a live view of cases."""
-    from .process_manager import Supervised, worker_command
+    """The embedded all-in-one: workers for every queue with beat, and a live view of cases."""
+    from .process_manager import Supervised, control_worker_command, worker_command
+    from .reconciler import on_startup
 
     settings = _settings()
     store = runtime.store()  # creates/migrates the database before the worker starts
     for folder in (settings.paths.inbox, settings.paths.results, settings.paths.work, settings.paths.logs):
         folder.mkdir(parents=True, exist_ok=True)
-    worker = Supervised(worker_command(settings), settings.paths.logs / "worker.log", dict(os.environ))
-    # SIGTERM (systemd, `kill`) stops as cleanly as Ctrl-C: the worker must not outlive us.
+    # This process group is the whole installation: nothing of an earlier run is alive, so
+    # the reconciler picks up every unfinished case at once (not after its leases expire).
+    on_startup()
+    env = dict(os.environ)
+    workers = [Supervised(worker_command(settings), settings.paths.logs / "worker.log", env),
+               Supervised(control_worker_command(settings), settings.paths.logs / "control.log", env)]
+    # SIGTERM (systemd, `kill`) stops as cleanly as Ctrl-C: the workers must not outlive us.
     signal.signal(signal.SIGTERM, _interrupt)
-    worker.start()
+    for worker in workers:
+        worker.start()
+    _send_reconcile()
     console.print(f"[bold]mqi-celery is running[/bold] ({settings.source}).\n"
                   f"  Drop a case folder into   {settings.paths.inbox}/\n"
                   f"  then create the file      _CASE_READY in it (or wait {settings.scanner.settle_seconds:g} s).\n"
                   f"  Results appear in         {settings.paths.results}/<case_id>/\n"
                   f"  Inspect from another terminal: .venv/bin/mqi cases list\n"
-                  f"  Worker log: {settings.paths.logs / 'worker.log'}   Ctrl-C stops.", highlight=False)
+                  f"  Worker logs: {settings.paths.logs}/worker.log, control.log   Ctrl-C stops.", highlight=False)
     try:
         if live and console.is_terminal:
             with Live(cases_table(store.list_cases()), console=console, refresh_per_second=2) as view:
                 while True:
-                    if note := worker.check():
+                    for note in filter(None, (w.check() for w in workers)):
                         console.print(f"[yellow]{note}[/yellow]")
                     view.update(cases_table(store.list_cases()))
                     time.sleep(1)
         else:
             seen: dict[str, tuple] = {}
             while True:
-                if note := worker.check():
+                for note in filter(None, (w.check() for w in workers)):
                     print(note, flush=True)
                 for c in store.list_cases():
                     state = (c.status.value, c.step, tuple(j.status.value for j in c.jobs))
@@ -220,8 +232,18 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
     except KeyboardInterrupt:
         console.print("stopping (letting running tasks finish)…")
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
     console.print("stopped.")
+
+
+def _send_reconcile() -> None:
+    from .celery_app import app as celery
+
+    try:
+        celery.send_task("mqi.reconcile")
+    except Exception as exc:  # noqa: BLE001 - beat sends it on schedule anyway
+        console.print(f"[yellow]could not start a reconcile run now ({exc}); beat will[/yellow]")
 
 
 def main() -> None:

@@ -1,11 +1,19 @@
-"""Conductor: the per-case workflow as one Celery canvas, and the case-level commands.
+"""Conductor: the per-case workflow, and the case-level commands (retry, cancel, stop).
 
-    upload -> chord(per beam: prepare input -> submit -> wait) -> download -> verify -> finalize
+A case's work is four stages, each recorded in the database (``cases.stage``):
 
-Any task that fails for good (a permanent fault, or a transient one past its retry
-budget) lands in ``handle_failure`` with the reason. Engine failures do not: they fail
-their beam's job, and ``finalize`` reports the case FAILED while keeping the results of
-the beams that succeeded.
+    upload ─► submit (one task per beam) ─► run (the poller watches) ─► collect
+
+Each dispatch of a stage is numbered and holds a lease; its tasks extend the lease as they
+start and skip themselves once a later dispatch took over. The broker only delivers: a
+lost message or a killed worker leaves an expired lease, and the reconciler dispatches the
+case again from its stage (every step is idempotent: upload sends what is missing, submit
+adopts the live job, download re-verifies). During "run" no message exists per case: the
+poller asks the scheduler once per interval for every job and moves finished cases on.
+
+A task that fails for good stops the case with its reason (``tasks.PipelineTask``).
+Engine failures do not: they fail their beam's job, and ``finalize`` reports the case
+FAILED while keeping the results of the beams that succeeded.
 """
 from __future__ import annotations
 
@@ -14,38 +22,99 @@ import logging
 from pathlib import Path
 
 import pydicom
-from celery import chain, chord
+from celery import chain, group
 
-from . import logs, messages, runtime
+from . import case_reader, logs, messages, runtime
+from .breaker import HostUnavailable
 from .celery_app import app
-from .errors import MQIError
+from .errors import MQIError, ValidationError
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
 from .models import TERMINAL_CASE, TERMINAL_JOB, Case, CaseStatus, JobStatus
 from .naming import remote_job_dir
-from .remote_executor import prepare_input, submit_job, wait_for_job
-from .tasks import PipelineTask
+from .remote_executor import submit_beam
+from .store import NewJob
+from .tasks import PipelineTask, for_case
 
 log = logging.getLogger(__name__)
 
 
 def workflow(case: Case):
-    cid, n = case.case_id, case.attempts  # every task carries the attempt it belongs to
-    beams = [j.beam for j in case.jobs if j.status is not JobStatus.COMPLETED]
-    per_beam = [chain(prepare_input.si(cid, b, attempt=n), submit_job.si(cid, b, attempt=n),
-                      wait_for_job.si(cid, b, attempt=n)) for b in beams]
-    tail = [download_results.si(cid, attempt=n), verify_results.si(cid, attempt=n), finalize_case.si(cid, attempt=n)]
-    middle = [chord(per_beam, tail[0]), *tail[1:]] if per_beam else tail
-    return chain(upload_case.si(cid, attempt=n), *middle).on_error(handle_failure.s(case_id=cid, attempt=n))
+    """The canvas that carries a case on from the stage it is in (None: the poller has it)."""
+    cid, n = case.case_id, case.dispatch
+    submit = [submit_beam.si(cid, j.beam, dispatch=n) for j in case.jobs if j.status is JobStatus.PENDING]
+    collect = chain(download_results.si(cid, dispatch=n), verify_results.si(cid, dispatch=n),
+                    finalize_case.si(cid, dispatch=n))
+    return {"upload": chain(upload_case.si(cid, dispatch=n), group(submit)) if submit else upload_case.si(cid, dispatch=n),
+            "submit": group(submit) if submit else None,
+            "run": None,
+            "collect": collect}[case.stage]
 
 
-def dispatch(case_id: str) -> None:
-    """Send a QUEUED case's canvas to the broker."""
-    case = runtime.store().get_case(case_id)
-    if case is None or case.status is not CaseStatus.QUEUED:
-        return
-    workflow(case).apply_async()
-    log.info("case %s dispatched (%d beams)", case_id, len(case.jobs))
+def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False) -> bool:
+    """Send the case's next canvas under a new lease. False when there is nothing to send
+    (the case is over, the poller has it, or its host is down: then it waits, parked)."""
+    settings, store = runtime.settings(), runtime.store()
+    breaker = runtime.breaker()
+    if breaker is not None:
+        state, since, error = breaker.state()
+        if state != "closed":
+            store.park(case_id, None, str(HostUnavailable(breaker.host, since, error)))
+            return False
+    if store.start_dispatch(case_id, settings.reconciler.lease_seconds, stage=stage, reconcile=reconcile) is None:
+        return False
+    case = store.get_case(case_id)  # with its jobs
+    canvas = workflow(case)
+    if canvas is None:
+        store.finish_submits(case_id)  # nothing left to submit: the poller takes over
+        return False
+    try:
+        canvas.apply_async()
+    except Exception as exc:  # noqa: BLE001 - the broker is down: the lease runs out, the reconciler resends
+        log.error("could not send case %s to the broker (%s); the reconciler will resend it", case_id, exc)
+        return False
+    log.info("case %s dispatched: stage %s, dispatch %d", case_id, case.stage, case.dispatch)
+    return True
+
+
+def admit(case_id: str) -> bool:
+    """Validate a NEW case (or one that failed validation and was fixed): QUEUED and
+    dispatched when valid, FAILED with the reason when not."""
+    settings, store = runtime.settings(), runtime.store()
+    case = store.get_case(case_id)
+    case_dir = Path(case.path)
+    with logs.bound(case.trace_id):
+        try:
+            info = case_reader.read_case(case_dir)
+            files = case_reader.manifest(case_dir, settings.scanner.marker)
+        except (ValidationError, OSError, AttributeError, ValueError, KeyError) as exc:
+            # Not only ValidationError: an unreadable file or a plan missing a tag must fail
+            # the case with a reason too, never leave it NEW for ever.
+            reason = str(exc) if isinstance(exc, ValidationError) else \
+                f"could not read the case folder ({type(exc).__name__}: {exc}); fix it, then `mqi cases retry`"
+            store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason, lease_until=None)
+            messages.emit("new_case_found", {"valid": False}, case_id=case_id)
+            messages.emit("case_failed", {"reason": reason, "step": "validation"}, case_id=case_id)
+            return False
+        store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
+        store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
+                          study_uid=info.study_uid, stage="upload")
+        # No path: nested layouts put the patient id in it; events carry case ids only.
+        messages.emit("new_case_found", {"valid": True, "files": len(files),
+                                         "beams": [b.number for b in info.beams]}, case_id=case_id)
+        dispatch(case_id)
+    return True
+
+
+def collect_finished() -> int:
+    """Cases whose every beam is over move to "collect", each exactly once (the stage
+    change is the claim); returns how many were sent on."""
+    store, moved = runtime.store(), 0
+    for case_id in store.cases_to_collect():
+        with for_case(case_id):
+            if store.advance_stage(case_id, "run", "collect"):
+                moved += dispatch(case_id, stage="collect")
+    return moved
 
 
 @app.task(name="mqi.verify_results", base=PipelineTask, bind=True)
@@ -94,11 +163,11 @@ def finalize_case(self, case_id: str) -> str:
     _write_report(case)
     if failed:
         reason = "; ".join(f"beam {j.beam} ({j.beam_name}): {j.error or j.status.value}" for j in failed)
-        store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason)
+        store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None)
         messages.emit("case_failed", {"reason": reason, "completed_beams": [j.beam for j in case.jobs
                                                                           if j not in failed]}, case_id=case_id)
         return CaseStatus.FAILED.value
-    store.update_case(case_id, status=CaseStatus.COMPLETED, step="finished", error=None)
+    store.update_case(case_id, status=CaseStatus.COMPLETED, step="finished", error=None, lease_until=None)
     messages.emit("case_completed", {"beams": [j.beam for j in case.jobs],
                                      "results": {n: s for j in case.jobs for n, s in j.results.items()}},
                   case_id=case_id)
@@ -113,17 +182,6 @@ def _write_report(case: Case) -> None:
               "jobs": [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "error": j.error,
                         "results": j.results} for j in case.jobs]}
     (folder / "report.json").write_text(json.dumps(report, indent=2))
-
-
-@app.task(name="mqi.handle_failure", base=PipelineTask)
-def handle_failure(request, exc, traceback, case_id: str) -> None:
-    """Errback of the whole canvas: the case fails with the reason of the failed step.
-
-    Celery runs this inline in the worker whose task failed, where nothing retries it; the
-    work itself is a task of its own so that a database blip is retried, not lost."""
-    reason = str(exc) if isinstance(exc, MQIError) else f"internal error in {request.task}: " \
-                                                       f"{type(exc).__name__}: {exc}"
-    stop_case.apply_async((case_id, reason))
 
 
 @app.task(name="mqi.stop_case", base=PipelineTask)
@@ -143,7 +201,7 @@ def fail_case(case_id: str, reason: str) -> bool:
         if job.status is JobStatus.RUNNING and job.remote_id and job.finished_at is None:
             _cancel_run(job, case_id)
         store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped")
-    if store.update_case(case_id, status=CaseStatus.FAILED, error=reason,
+    if store.update_case(case_id, status=CaseStatus.FAILED, error=reason, lease_until=None, wait_reason=None,
                          only_from={CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING}) is None:
         return False
     messages.emit("case_failed", {"reason": reason}, case_id=case_id)
@@ -167,7 +225,8 @@ def cancel_case(case_id: str) -> bool:
 
 
 def retry_case(case_id: str) -> Case:
-    """Run a finished case again: failed beams are reset, completed beams keep their results."""
+    """Run a finished case again from the step that failed: failed beams are reset and
+    submitted again, completed beams keep their results."""
     store = runtime.store()
     case = store.get_case(case_id)
     if case is None:
@@ -182,16 +241,29 @@ def _retry(case: Case) -> Case:
     store, case_id = runtime.store(), case.case_id
     messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
     if case.step == "validation" or not case.jobs:  # the folder may have been fixed: validate again
-        from .scanner import admit
-
-        store.update_case(case_id, attempts=case.attempts + 1)
+        store.update_case(case_id, attempts=case.attempts + 1, reconciles=0)
         admit(case_id)
         return store.get_case(case_id)
-    for job in case.jobs:
-        if job.status is JobStatus.FAILED:
-            store.update_job(case_id, job.beam, status=JobStatus.PENDING, error=None, step=None, remote_id=None,
-                             remote_state=None, exit_code=None, submitted_at=None, started_at=None,
-                             finished_at=None, resubmits=0, results={})
-    store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1)
+    failed = [j for j in case.jobs if j.status is JobStatus.FAILED]
+    for job in failed:
+        store.update_job(case_id, job.beam, status=JobStatus.PENDING, error=None, step=None, remote_id=None,
+                         remote_state=None, exit_code=None, submitted_at=None, started_at=None,
+                         finished_at=None, resubmits=0, judge_attempts=0, results={})
+    # Beams to run again: from the upload (it re-verifies the remote copy, sending only
+    # what differs); all beams done: only their results are collected again.
+    stage = "upload" if failed or case.stage in (None, "upload") else "collect"
+    store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1,
+                      stage=stage, reconciles=0, wait_reason=None)
     dispatch(case_id)
     return store.get_case(case_id)
+
+
+@app.task(name="mqi.retry_case")
+def retry_case_task(case_id: str) -> str:
+    """``mqi cases retry`` as a task (callable from Flower's HTTP API)."""
+    return retry_case(case_id).status.value
+
+
+@app.task(name="mqi.cancel_case")
+def cancel_case_task(case_id: str) -> bool:
+    return cancel_case(case_id)

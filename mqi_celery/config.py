@@ -11,14 +11,14 @@ import difflib
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from string import Template
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .slurm import SlurmSettings
 
 
 class Section(BaseModel):
@@ -103,12 +103,99 @@ class Transport(Section):
         return self
 
 
+# Values arrive shell-quoted; $partition_line and $extra_sbatch are whole "#SBATCH ..." lines
+# or nothing. --output must stay <workdir>/job.log: the pipeline judges the run from it.
+DEFAULT_TEMPLATE = """\
+#!/bin/bash
+#SBATCH --job-name=$job_name
+#SBATCH --output=$workdir/job.log
+#SBATCH --chdir=$workdir
+#SBATCH --gres=$gres
+#SBATCH --time=$time_limit
+$partition_line$extra_sbatch
+# One MOQUI run for one treatment beam, written by mqi_celery.
+$setup
+$command
+exit $$?
+"""
+TEMPLATE_FIELDS = {"job_name", "workdir", "partition_line", "extra_sbatch", "gres", "time_limit",
+                   "setup", "command"}
+
+# Options the scheduler sets itself: overriding them would break adoption or log reading.
+_RESERVED_OPTIONS = ("-J", "--job-name", "-o", "--output", "-e", "--error", "-D", "--chdir",
+                     "--wrap", "--parsable")
+
+
+SafeWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:,/+=-]+$")]  # no spaces, no shell syntax
+# One sbatch option; sbatch's #SBATCH parser treats backslashes unlike a shell, so none.
+SbatchArg = Annotated[str, Field(pattern=r"^-[^\n\r\x00\\]+$")]
+OneLine = Annotated[str, Field(pattern=r"^[^\n\r\x00]*$")]
+
+
+class SlurmSettings(Section):
+    """The ``scheduler.slurm`` section. ``setup_lines`` (e.g. ``module load cuda``) go into
+    every batch script verbatim: they are trusted operator configuration, never case data."""
+
+    partition: SafeWord | None = None
+    gres: SafeWord = "gpu:1"
+    # None: the engine timeout (engine.timeout_seconds) rounded up to whole minutes.
+    time_limit_minutes: int | None = Field(None, gt=0)
+    extra_sbatch_args: tuple[SbatchArg, ...] = ()  # e.g. "--account=proton", "--mem=16G"
+    setup_lines: tuple[OneLine, ...] = ()
+    # auto: sacct, falling back to scontrol for good once sacct says accounting is disabled.
+    state_source: Literal["sacct", "scontrol", "auto"] = "auto"
+    script_template: str = DEFAULT_TEMPLATE
+    command_timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("extra_sbatch_args")
+    @classmethod
+    def _not_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in args:
+            if arg.split("=", 1)[0] in _RESERVED_OPTIONS:
+                raise ValueError(f"{arg!r}: the scheduler sets this option itself")
+        return args
+
+    @model_validator(mode="after")
+    def _template_fits(self) -> "SlurmSettings":
+        template = Template(self.script_template)
+        names = set(template.get_identifiers())
+        if not template.is_valid() or names - TEMPLATE_FIELDS:
+            raise ValueError(f"script_template: only ${', $'.join(sorted(TEMPLATE_FIELDS))} are known "
+                             "(write $$ for a literal $)")
+        needed = {"command", "job_name", "workdir"} | {name for field, name in (
+            ("extra_sbatch_args", "extra_sbatch"), ("setup_lines", "setup"), ("partition", "partition_line"))
+            if getattr(self, field)}
+        if missing := needed - names:
+            raise ValueError(f"script_template lacks ${', $'.join(sorted(missing))}")
+        return self
+
+
 class Scheduler(Section):
     kind: Literal["direct", "slurm"] = "direct"
     poll_interval_seconds: float = Field(2.0, gt=0)
     # A job that never starts (no node can ever satisfy it) fails after this long.
     max_queue_seconds: float = Field(86400.0, gt=0)
+    # The scheduler keeps failing to answer (not a host outage: the breaker owns those):
+    # past this long its active jobs fail with the last error.
+    max_poll_failure_seconds: float = Field(3600.0, gt=0)
+    # A finished job whose log or outputs cannot be read: judged again at each poll, this
+    # many times at most, then the beam fails with the last error.
+    max_judge_attempts: int = Field(10, ge=1)
     slurm: SlurmSettings = SlurmSettings()  # used when kind is slurm
+
+
+class Reconciler(Section):
+    """Leases: a stage that holds no lease for this long with no progress is dispatched
+    again from its last finished step (a lost message, a crashed worker)."""
+    interval_seconds: float = Field(30.0, gt=0)
+    lease_seconds: float = Field(600.0, gt=0)
+    max_reconciles: int = Field(5, ge=1)  # per case, between two steps that finished
+
+
+class Breaker(Section):
+    """Per remote host, shared by every process through the database."""
+    failures_to_open: int = Field(3, ge=1)  # consecutive connection failures
+    cooldown_seconds: float = Field(30.0, gt=0)  # open -> one probe after this long
 
 
 class Phantom(Section):
@@ -154,6 +241,8 @@ class Settings(Section):
     broker: Broker = Broker()
     scanner: Scanner = Scanner()
     retry: Retry = Retry()
+    reconciler: Reconciler = Reconciler()
+    breaker: Breaker = Breaker()
     worker: Worker = Worker()
     transport: Transport = Transport()
     scheduler: Scheduler = Scheduler()

@@ -35,6 +35,13 @@ class CaseRow(Base):
     study_uid: Mapped[str | None] = mapped_column(String(128))
     manifest: Mapped[dict] = mapped_column(JSON, default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases (see conductor): the stage the case is in, the dispatch that owns it, and
+    # until when that dispatch is presumed alive. stage "run" has no lease: the poller owns it.
+    stage: Mapped[str | None] = mapped_column(String(16))
+    dispatch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    reconciles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    wait_reason: Mapped[str | None] = mapped_column(Text)  # why an active case is not moving
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
@@ -59,7 +66,23 @@ class JobRow(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     resubmits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    judge_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class HostRow(Base):
+    """Per remote host: its circuit breaker and how its scheduler answers, shared by all
+    processes."""
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="closed")  # closed | open | half_open
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # consecutive connection failures
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime)
+    probe_at: Mapped[datetime | None] = mapped_column(DateTime)  # open: next probe; half_open: probe deadline
+    last_error: Mapped[str | None] = mapped_column(Text)
+    poll_failing_since: Mapped[datetime | None] = mapped_column(DateTime)
+    poll_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 

@@ -15,7 +15,7 @@ from . import messages, runtime
 from .celery_app import app
 from .errors import MQIError, TransferError
 from .hosts import Host, file_sha256
-from .models import CaseStatus, JobStatus
+from .models import JobStatus
 from .naming import remote_input_dir, remote_output_dir
 from .tasks import PipelineTask
 
@@ -77,8 +77,10 @@ def results_intact(folder: Path, results: dict[str, str]) -> bool:
 @app.task(name="mqi.upload_case", base=PipelineTask, bind=True)
 def upload_case(self, case_id: str) -> str:
     store = runtime.store()
-    case = store.update_case(case_id, status=CaseStatus.PROCESSING, step="uploading",
-                             only_from={CaseStatus.QUEUED, CaseStatus.PROCESSING})
+    case = store.get_case(case_id)
+    if case is not None and case.stage != "upload":  # redelivered after it finished: the chain goes on
+        return "skipped: already uploaded"
+    case = store.begin_step(case_id, "uploading")
     if case is None:
         return "skipped: case no longer active"
     host = runtime.host()
@@ -88,15 +90,17 @@ def upload_case(self, case_id: str) -> str:
     except MQIError as exc:
         messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
         raise
-    store.update_case(case_id, step="uploaded")
     messages.emit("upload_success", {**sent, "verified_files": len(case.manifest), "host": host.name,
                                      "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
+    store.update_case(case_id, step="uploaded")
+    store.advance_stage(case_id, "upload", "submit", runtime.settings().reconciler.lease_seconds)
+    store.finish_submits(case_id)  # no beam left to run: straight to the poller
     return "uploaded"
 
 
 @app.task(name="mqi.download_results", base=PipelineTask, bind=True)
 def download_results(self, case_id: str) -> str:
-    """Chord body: fetch the results of every beam that completed (failed beams have none)."""
+    """Fetch the results of every beam that completed (failed beams have none)."""
     store, host = runtime.store(), runtime.host()
     if store.begin_step(case_id, "downloading") is None:
         return "skipped: case no longer active"

@@ -134,11 +134,11 @@ class LocalHost:
         os.replace(self._local(src), self._local(dst))
 
 
-def make_host(settings: Settings) -> Host:
+def make_host(settings: Settings, guard=None) -> Host:
     if settings.transport.kind == "local":
         return LocalHost(settings.transport.remote_root)
     if settings.transport.kind == "ssh":
         from .ssh_host import SSHHost  # paramiko only where SSH is used
 
-        return SSHHost(settings.transport.ssh, PurePosixPath(settings.transport.remote_root))
+        return SSHHost(settings.transport.ssh, PurePosixPath(settings.transport.remote_root), guard)
     raise ConfigError(f"transport.kind {settings.transport.kind!r} is not supported")

@@ -26,6 +26,11 @@ COMPONENT = {
     "case_completed": "conductor",
     "case_failed": "conductor",
     "case_retried": "conductor",
+    "case_reconciled": "reconciler",
+    "case_resumed": "reconciler",
+    "execution_resubmitted": "executor",
+    "host_unreachable": "breaker",
+    "host_reachable": "breaker",
     "system_status_update": "curator",
 }
 

@@ -43,8 +43,14 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset({JobStatus.PENDING}),
 }
 
+ACTIVE_CASE = frozenset({CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING})
 TERMINAL_CASE = frozenset({CaseStatus.COMPLETED, CaseStatus.FAILED})
 TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+
+
+# The stages of a case's work, in order (see conductor.workflow). "run" belongs to the
+# poller and holds no lease; the others are leased to the dispatch that runs them.
+STAGES = ("upload", "submit", "run", "collect")
 
 
 class IllegalTransition(ValueError):
@@ -78,6 +84,7 @@ class Job:
     submitted_at: datetime | None = None
     started_at: datetime | None = None
     resubmits: int = 0
+    judge_attempts: int = 0
     finished_at: datetime | None = None
 
 
@@ -91,6 +98,11 @@ class Case:
     trace_id: str = ""
     study_uid: str | None = None
     attempts: int = 0
+    stage: str | None = None
+    dispatch: int = 0
+    lease_until: datetime | None = None
+    reconciles: int = 0
+    wait_reason: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
     manifest: dict[str, str] = field(default_factory=dict)

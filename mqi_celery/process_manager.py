@@ -1,7 +1,9 @@
 """Process Manager: runs and supervises the Celery processes of an installation.
 
-``mqi run`` is the embedded all-in-one: one worker consuming every queue with beat
-inside it, restarted if it dies, stopped cleanly (warm shutdown) on Ctrl-C.
+``mqi run`` is the embedded all-in-one: one worker consuming every work queue with beat
+inside it, and one worker for the control loop (poller and reconciler) so that noticing a
+finished job never waits behind transfers; each restarted if it dies, both stopped cleanly
+(warm shutdown) on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -16,13 +18,23 @@ from .config import Settings
 from .tasks import QUEUES
 
 
-def worker_command(settings: Settings, *, queues=QUEUES, beat: bool = True) -> list[str]:
+WORK_QUEUES = tuple(q for q in QUEUES if q != "control")
+
+
+def worker_command(settings: Settings, *, queues=WORK_QUEUES, beat: bool = True, name: str = "mqi-all",
+                   pool: str | None = None, concurrency: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "celery", "-A", "mqi_celery", "worker", "-Q", ",".join(queues),
-           "--pool", settings.worker.pool, "--concurrency", str(settings.worker.concurrency),
-           "--loglevel", settings.worker.log_level, "--hostname", "mqi-all@%h"]
+           "--pool", pool or settings.worker.pool, "--concurrency", str(concurrency or settings.worker.concurrency),
+           "--loglevel", settings.worker.log_level, "--hostname", f"{name}@%h"]
     if beat:
         cmd += ["--beat", "--schedule", str(settings.paths.work / "celerybeat-schedule")]
     return cmd
+
+
+def control_worker_command(settings: Settings) -> list[str]:
+    """The control loop: one process, one task at a time (a poll or a reconcile run)."""
+    return worker_command(settings, queues=("control",), beat=False, name="mqi-control", pool="solo",
+                          concurrency=1)
 
 
 class Supervised:

@@ -27,7 +27,19 @@ def store():
 def host():
     from .hosts import make_host
 
-    return make_host(settings())
+    return make_host(settings(), guard=breaker())
+
+
+@cache
+def breaker():
+    """The remote host's circuit breaker (None for the local folder: nothing to guard)."""
+    s = settings()
+    if s.transport.kind != "ssh":
+        return None
+    from .breaker import Breaker
+
+    return Breaker(store(), s.transport.ssh.host, failures_to_open=s.breaker.failures_to_open,
+                   cooldown_seconds=s.breaker.cooldown_seconds)
 
 
 @cache
@@ -39,7 +51,7 @@ def scheduler():
 
 def reset(*, keep_settings: bool = True) -> None:
     """Forget connections (after fork, or in tests after changing MQI_* variables)."""
-    for f in (store, host, scheduler):
+    for f in (store, host, breaker, scheduler):
         f.cache_clear()
     if not keep_settings:
         settings.cache_clear()

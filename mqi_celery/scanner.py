@@ -1,5 +1,5 @@
 """Case Scanner (celery beat, queue ``scan``): finds new cases in the inbox, registers each
-exactly once, validates it, and hands valid ones to the Conductor.
+exactly once and hands it to the Conductor, which validates and dispatches it.
 
 A case folder is a study folder: it holds an ``RP*.dcm`` plan or delivery folders. It may
 sit at ``<inbox>/<study>/`` or nested as ``<inbox>/<room>/<patient>/<study>/``. It is ready
@@ -14,12 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import case_reader, logs, messages, runtime
+from . import case_reader, runtime
 from .celery_app import app
-from .errors import ValidationError
-from .models import CaseStatus
+from .conductor import admit
 from .naming import case_id_for
-from .store import NewJob
 
 log = logging.getLogger(__name__)
 
@@ -78,41 +76,10 @@ def register(case_dir: Path) -> str | None:
     while store.case_id_taken(case_id):  # the same study dropped twice at different paths
         case_id = f"{case_id_for(case_dir.name)}-{n}"
         n += 1
-    if not store.register_case(case_id, str(case_dir)):
+    if not store.register_case(case_id, str(case_dir), lease_seconds=runtime.settings().reconciler.lease_seconds):
         return None
     admit(case_id)
     return case_id
-
-
-def admit(case_id: str) -> bool:
-    """Validate a NEW case (or one that failed validation and was fixed): QUEUED and
-    dispatched when valid, FAILED with the reason when not."""
-    settings, store = runtime.settings(), runtime.store()
-    case = store.get_case(case_id)
-    case_dir = Path(case.path)
-    with logs.bound(case.trace_id):
-        try:
-            info = case_reader.read_case(case_dir)
-            files = case_reader.manifest(case_dir, settings.scanner.marker)
-        except (ValidationError, OSError, AttributeError, ValueError, KeyError) as exc:
-            # Not only ValidationError: an unreadable file or a plan missing a tag must fail
-            # the case with a reason too, never leave it NEW for ever.
-            reason = str(exc) if isinstance(exc, ValidationError) else \
-                f"could not read the case folder ({type(exc).__name__}: {exc}); fix it, then `mqi cases retry`"
-            store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason)
-            messages.emit("new_case_found", {"valid": False}, case_id=case_id)
-            messages.emit("case_failed", {"reason": reason, "step": "validation"}, case_id=case_id)
-            return False
-        store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
-        store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
-                          study_uid=info.study_uid)
-        # No path: nested layouts put the patient id in it; events carry case ids only.
-        messages.emit("new_case_found", {"valid": True, "files": len(files),
-                                         "beams": [b.number for b in info.beams]}, case_id=case_id)
-        from .conductor import dispatch  # the conductor imports task modules; keep scanner light
-
-        dispatch(case_id)
-    return True
 
 
 def scan_once() -> list[str]:

@@ -17,10 +17,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from string import Template
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
+from .config import SlurmSettings
 from .errors import ExecutionError
 from .schedulers import JobSpec, RemoteState
 
@@ -31,74 +30,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT_NAME = "job.sbatch"
 
-# Values arrive shell-quoted; $partition_line and $extra_sbatch are whole "#SBATCH ..." lines
-# or nothing. --output must stay <workdir>/job.log: the pipeline judges the run from it.
-DEFAULT_TEMPLATE = """\
-#!/bin/bash
-#SBATCH --job-name=$job_name
-#SBATCH --output=$workdir/job.log
-#SBATCH --chdir=$workdir
-#SBATCH --gres=$gres
-#SBATCH --time=$time_limit
-$partition_line$extra_sbatch
-# One MOQUI run for one treatment beam, written by mqi_celery.
-$setup
-$command
-exit $$?
-"""
-TEMPLATE_FIELDS = {"job_name", "workdir", "partition_line", "extra_sbatch", "gres", "time_limit",
-                   "setup", "command"}
-
-# Options the scheduler sets itself: overriding them would break adoption or log reading.
-_RESERVED_OPTIONS = ("-J", "--job-name", "-o", "--output", "-e", "--error", "-D", "--chdir",
-                     "--wrap", "--parsable")
 _JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
-
-
-SafeWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:,/+=-]+$")]  # no spaces, no shell syntax
-# One sbatch option; sbatch's #SBATCH parser treats backslashes unlike a shell, so none.
-SbatchArg = Annotated[str, Field(pattern=r"^-[^\n\r\x00\\]+$")]
-OneLine = Annotated[str, Field(pattern=r"^[^\n\r\x00]*$")]
-
-
-class SlurmSettings(BaseModel):
-    """The ``scheduler.slurm`` section. ``setup_lines`` (e.g. ``module load cuda``) go into
-    every batch script verbatim: they are trusted operator configuration, never case data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    partition: SafeWord | None = None
-    gres: SafeWord = "gpu:1"
-    # None: the engine timeout (engine.timeout_seconds) rounded up to whole minutes.
-    time_limit_minutes: int | None = Field(None, gt=0)
-    extra_sbatch_args: tuple[SbatchArg, ...] = ()  # e.g. "--account=proton", "--mem=16G"
-    setup_lines: tuple[OneLine, ...] = ()
-    # auto: sacct, falling back to scontrol for good once sacct says accounting is disabled.
-    state_source: Literal["sacct", "scontrol", "auto"] = "auto"
-    script_template: str = DEFAULT_TEMPLATE
-    command_timeout_seconds: float = Field(60.0, gt=0)
-
-    @field_validator("extra_sbatch_args")
-    @classmethod
-    def _not_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
-        for arg in args:
-            if arg.split("=", 1)[0] in _RESERVED_OPTIONS:
-                raise ValueError(f"{arg!r}: the scheduler sets this option itself")
-        return args
-
-    @model_validator(mode="after")
-    def _template_fits(self) -> "SlurmSettings":
-        template = Template(self.script_template)
-        names = set(template.get_identifiers())
-        if not template.is_valid() or names - TEMPLATE_FIELDS:
-            raise ValueError(f"script_template: only ${', $'.join(sorted(TEMPLATE_FIELDS))} are known "
-                             "(write $$ for a literal $)")
-        needed = {"command", "job_name", "workdir"} | {name for field, name in (
-            ("extra_sbatch_args", "extra_sbatch"), ("setup_lines", "setup"), ("partition", "partition_line"))
-            if getattr(self, field)}
-        if missing := needed - names:
-            raise ValueError(f"script_template lacks ${', $'.join(sorted(missing))}")
-        return self
 
 
 # ---------------------------------------------------------------- batch script

@@ -38,10 +38,11 @@ BIG_RECORDS_FROM = 64 << 20  # upload size from which tar uses 1 MiB records
 class SSHHost:
     stats = ssh_pool.stats  # handshakes / reconnects / retired, per process
 
-    def __init__(self, settings: SSHSettings, root: PurePosixPath):
+    def __init__(self, settings: SSHSettings, root: PurePosixPath, guard: ssh_pool.Guard | None = None):
         self.settings = settings
         self.name = settings.host
         self.root = PurePosixPath(root)
+        self.guard = guard  # the host's circuit breaker, consulted on every new connection
 
     # ---------------------------------------------------------------- Host protocol
     def run(self, command: str, *, timeout: float = 60) -> CommandResult:
@@ -212,7 +213,7 @@ class SSHHost:
               idempotent: bool = True) -> T:
         """``op`` on a pooled connection; a dropped connection is replaced once."""
         for attempt in (1, 2):
-            with ssh_pool.lease(self.settings, nbytes) as conn:
+            with ssh_pool.lease(self.settings, nbytes, self.guard) as conn:
                 try:
                     return op(conn)
                 except MQIError:

@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import paramiko
 
@@ -170,10 +170,18 @@ def pool_key(s: "SSHSettings") -> tuple:
     return tuple(value for _name, value in s)
 
 
+class Guard(Protocol):
+    """Told about every attempt to open a connection (the host's circuit breaker)."""
+
+    def before_connect(self) -> None: ...  # raises to refuse the attempt
+    def succeeded(self) -> None: ...
+    def failed(self, error: str) -> None: ...
+
+
 @contextmanager
-def lease(settings: "SSHSettings", nbytes: int = 0) -> Iterator[Connection]:
+def lease(settings: "SSHSettings", nbytes: int = 0, guard: Guard | None = None) -> Iterator[Connection]:
     """A live connection for one operation expected to move about ``nbytes``."""
-    conn = _acquire(settings, nbytes)
+    conn = _acquire(settings, nbytes, guard)
     try:
         yield conn
     finally:
@@ -184,7 +192,7 @@ def lease(settings: "SSHSettings", nbytes: int = 0) -> Iterator[Connection]:
             conn.transport.close()
 
 
-def _acquire(settings: "SSHSettings", nbytes: int) -> Connection:
+def _acquire(settings: "SSHSettings", nbytes: int, guard: Guard | None = None) -> Connection:
     key = pool_key(settings)
     with _lock:
         key_lock = _key_locks.setdefault(key, threading.Lock())
@@ -198,13 +206,26 @@ def _acquire(settings: "SSHSettings", nbytes: int) -> Connection:
             _retire(conn)
             conn = None
         if conn is None:
-            conn = Connection(connect(settings), settings)
+            conn = Connection(_guarded_connect(settings, guard), settings)
             with _lock:
                 _pool[key] = conn
         with _lock:
             conn.users += 1
             conn.moved += nbytes
         return conn
+
+
+def _guarded_connect(settings: "SSHSettings", guard: Guard | None) -> paramiko.Transport:
+    if guard is None:
+        return connect(settings)
+    guard.before_connect()
+    try:
+        transport = connect(settings)
+    except ConnectionError_ as exc:
+        guard.failed(str(exc))
+        raise
+    guard.succeeded()
+    return transport
 
 
 def discard(conn: Connection) -> None:

@@ -12,13 +12,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from datetime import timedelta
+
+from sqlalchemy import Engine, exists, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from . import db
-from .models import Case, CaseStatus, Job, JobStatus, check_transition
+from .models import ACTIVE_CASE, Case, CaseStatus, Job, JobStatus, check_transition
+
+_ACTIVE = [s.value for s in ACTIVE_CASE]
+HOST_EVENTS = ("host_unreachable", "host_reachable")
+_LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,8 @@ class NewJob:
 def _case(row: db.CaseRow, jobs: Iterable[db.JobRow] = ()) -> Case:
     return Case(case_id=row.case_id, path=row.path, status=CaseStatus(row.status), step=row.step,
                 error=row.error, trace_id=row.trace_id, study_uid=row.study_uid, attempts=row.attempts,
-                created_at=row.created_at, updated_at=row.updated_at, manifest=row.manifest or {},
+                stage=row.stage, dispatch=row.dispatch or 0, lease_until=row.lease_until,
+                reconciles=row.reconciles or 0, wait_reason=row.wait_reason, created_at=row.created_at, updated_at=row.updated_at, manifest=row.manifest or {},
                 jobs=tuple(_job(j) for j in sorted(jobs, key=lambda j: j.beam)))
 
 
@@ -41,7 +48,7 @@ def _job(row: db.JobRow) -> Job:
                remote_id=row.remote_id, remote_state=row.remote_state, exit_code=row.exit_code,
                gpu_id=row.gpu_id, results=row.results or {},
                submitted_at=row.submitted_at, started_at=row.started_at, resubmits=row.resubmits or 0,
-               finished_at=row.finished_at)
+               judge_attempts=row.judge_attempts or 0, finished_at=row.finished_at)
 
 
 class Store:
@@ -69,13 +76,17 @@ class Store:
 
     # --- cases -------------------------------------------------------------------------
     def register_case(self, case_id: str, path: str, *, status: CaseStatus = CaseStatus.NEW,
-                      error: str | None = None, study_uid: str | None = None) -> bool:
-        """Insert the case unless its path is known. True only for the one caller that won."""
+                      error: str | None = None, study_uid: str | None = None,
+                      lease_seconds: float | None = None) -> bool:
+        """Insert the case unless its path is known. True only for the one caller that won.
+        With a lease, a case whose validation never ran (a crash right after) is found again."""
         insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         now = db.utcnow()
         stmt = insert(db.CaseRow).values(
             case_id=case_id, path=path, status=status.value, error=error, study_uid=study_uid,
             trace_id=uuid.uuid4().hex, manifest={}, attempts=0, created_at=now, updated_at=now,
+            stage="upload", dispatch=0, reconciles=0,
+            lease_until=None if lease_seconds is None else now + timedelta(seconds=lease_seconds),
         ).on_conflict_do_nothing()
         with self.session() as s:
             return s.execute(stmt).rowcount == 1
@@ -116,8 +127,10 @@ class Store:
         return None if row is None else _case(row)
 
     def begin_step(self, case_id: str, step: str) -> Case | None:
-        """Record the step a PROCESSING case is in; None if the case stopped meanwhile."""
-        return self.update_case(case_id, step=step, only_from={CaseStatus.PROCESSING})
+        """Record the step an active case is in (a QUEUED case starts PROCESSING with it);
+        None if the case stopped meanwhile."""
+        return self.update_case(case_id, status=CaseStatus.PROCESSING, step=step,
+                                only_from={CaseStatus.QUEUED, CaseStatus.PROCESSING})
 
     def _update(self, model, where, kind, status_type, status, only_from, fields):
         with self.session() as s:
@@ -135,6 +148,125 @@ class Store:
             row.updated_at = db.utcnow()
             s.flush()
             return row
+
+    # --- leases (see conductor and reconciler) -----------------------------------------
+    def _change_case(self, case_id: str, change) -> Case | None:
+        """Lock the case row, let ``change(row)`` edit it; None if absent or it said False."""
+        with self.session() as s:
+            row = self._lock(s, db.CaseRow, db.CaseRow.case_id == case_id).one_or_none()
+            if row is None or change(row) is False:
+                return None
+            row.updated_at = db.utcnow()
+            s.flush()
+            return _case(row)
+
+    def start_dispatch(self, case_id: str, lease_seconds: float, *, stage: str | None = None,
+                       reconcile: bool = False) -> Case | None:
+        """A new dispatch owns the case's current (or given) stage: tasks of older dispatches
+        skip themselves from now on. None when the case is over or the poller owns it."""
+        def change(row):
+            if row.status not in (CaseStatus.QUEUED.value, CaseStatus.PROCESSING.value):
+                return False
+            row.stage = stage or row.stage or "upload"
+            if row.stage == "run":
+                row.wait_reason = None
+                return False
+            row.dispatch = (row.dispatch or 0) + 1
+            row.lease_until = db.utcnow() + timedelta(seconds=lease_seconds)
+            row.wait_reason = None
+            if reconcile:
+                row.reconciles = (row.reconciles or 0) + 1
+        return self._change_case(case_id, change)
+
+    def hold_lease(self, case_id: str, dispatch: int, lease_seconds: float) -> Case | None:
+        """A task of ``dispatch`` starts (or schedules its retry): extend the lease. None
+        when a later dispatch took over or the case is over."""
+        def change(row):
+            if row.dispatch != dispatch or row.status not in _ACTIVE:
+                return False
+            if row.stage != "run":
+                row.lease_until = db.utcnow() + timedelta(seconds=lease_seconds)
+        return self._change_case(case_id, change)
+
+    def advance_stage(self, case_id: str, frm: str, to: str, lease_seconds: float | None = None) -> Case | None:
+        """Move the case from stage ``frm`` to ``to`` (a finished step); None if it was not
+        in ``frm`` (someone else moved it: the caller must not act twice)."""
+        def change(row):
+            if row.stage != frm or row.status not in _ACTIVE:
+                return False
+            row.stage, row.reconciles = to, 0
+            row.lease_until = None if lease_seconds is None else db.utcnow() + timedelta(seconds=lease_seconds)
+        return self._change_case(case_id, change)
+
+    def finish_submits(self, case_id: str) -> bool:
+        """Once no beam waits to be submitted, the case is the poller's (stage "run")."""
+        pending = exists().where(db.JobRow.case_id == db.CaseRow.case_id,
+                                 db.JobRow.status == JobStatus.PENDING.value)
+        stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage.in_(("upload", "submit")),
+                                         db.CaseRow.status == CaseStatus.PROCESSING.value, ~pending)
+                .values(stage="run", lease_until=None, reconciles=0, updated_at=db.utcnow()))
+        with self.session() as s:
+            return s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
+
+    def park(self, case_id: str, dispatch: int | None, reason: str) -> Case | None:
+        """The case waits for an outside condition (a host outage): no lease, the reason shown."""
+        def change(row):
+            if row.status not in _ACTIVE or (dispatch is not None and row.dispatch != dispatch):
+                return False
+            row.wait_reason, row.lease_until = reason, None
+        return self._change_case(case_id, change)
+
+    def park_active(self, reason: str) -> int:
+        """Show the reason on every active case that is not already waiting."""
+        stmt = (update(db.CaseRow).where(db.CaseRow.status.in_((CaseStatus.QUEUED.value, CaseStatus.PROCESSING.value)),
+                                         db.CaseRow.wait_reason.is_(None))
+                .values(wait_reason=reason, updated_at=db.utcnow()))
+        with self.session() as s:
+            return s.execute(stmt.execution_options(synchronize_session=False)).rowcount
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        """Active cases whose dispatch is presumed dead (its lease ran out)."""
+        with self.session() as s:
+            return list(s.scalars(select(db.CaseRow.case_id).where(
+                db.CaseRow.status.in_(_ACTIVE), db.CaseRow.lease_until < db.utcnow(),
+                db.CaseRow.wait_reason.is_(None)).order_by(db.CaseRow.lease_until).limit(limit)))
+
+    def parked_cases(self) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(db.CaseRow.case_id).where(
+                db.CaseRow.status.in_(_ACTIVE), db.CaseRow.wait_reason.is_not(None))))
+
+    def void_leases(self) -> int:
+        """At start-up of a whole installation no task can be alive: every lease is void."""
+        stmt = (update(db.CaseRow).where(db.CaseRow.status.in_(_ACTIVE), db.CaseRow.lease_until.is_not(None))
+                .values(lease_until=db.utcnow() - timedelta(seconds=1)))
+        with self.session() as s:
+            return s.execute(stmt.execution_options(synchronize_session=False)).rowcount
+
+    def cases_to_collect(self) -> list[str]:
+        """Cases in the poller's stage whose every beam is over: their results can come down."""
+        live = exists().where(db.JobRow.case_id == db.CaseRow.case_id, db.JobRow.status.in_(_LIVE_JOB))
+        with self.session() as s:
+            return list(s.scalars(select(db.CaseRow.case_id).where(
+                db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run", ~live)))
+
+    def note_poll(self, host: str, error: str | None):
+        """Record whether the host's scheduler answered; returns since when it fails (or None)."""
+        now = db.utcnow()
+        with self.session() as s:
+            row = self._lock(s, db.HostRow, db.HostRow.name == host).one_or_none()
+            if row is None:
+                if error is None:
+                    return None
+                row = db.HostRow(name=host, state="closed", failures=0)
+                s.add(row)
+            if error is None:
+                if row.poll_failing_since is not None:
+                    row.poll_failing_since, row.poll_error, row.updated_at = None, None, now
+                return None
+            row.poll_failing_since = row.poll_failing_since or now
+            row.poll_error, row.updated_at = error[:500], now
+            return row.poll_failing_since
 
     # --- jobs --------------------------------------------------------------------------
     def add_jobs(self, case_id: str, jobs: Iterable[NewJob]) -> None:
@@ -164,11 +296,11 @@ class Store:
         return None if row is None else _job(row)
 
     def active_jobs(self) -> list[Job]:
-        """Jobs handed to a scheduler and not yet seen to finish: what the poller asks about."""
+        """Jobs handed to a scheduler and not yet judged: what the poller looks after
+        (``finished_at`` set: seen to end, the verdict still to be written)."""
         with self.session() as s:
             rows = s.scalars(select(db.JobRow).where(db.JobRow.status == JobStatus.RUNNING.value,
-                                                     db.JobRow.remote_id.is_not(None),
-                                                     db.JobRow.finished_at.is_(None)))
+                                                     db.JobRow.remote_id.is_not(None)))
             return [_job(r) for r in rows]
 
     # --- events ------------------------------------------------------------------------
@@ -178,8 +310,16 @@ class Store:
             s.add(db.EventRow(case_id=case_id, command=command, payload=payload,
                               correlation_id=correlation_id))
 
-    def events(self, case_id: str) -> list[dict[str, Any]]:
+    def events(self, case_id: str, *, with_hosts: bool = False) -> list[dict[str, Any]]:
+        """The case's events; ``with_hosts`` adds host outages seen since it was registered."""
+        where = db.EventRow.case_id == case_id
+        if with_hosts:
+            with self.session() as s:
+                since = s.scalar(select(db.CaseRow.created_at).where(db.CaseRow.case_id == case_id))
+            if since is not None:
+                where = where | ((db.EventRow.case_id.is_(None)) & db.EventRow.command.in_(HOST_EVENTS)
+                                 & (db.EventRow.timestamp >= since))
         with self.session() as s:
-            rows = s.scalars(select(db.EventRow).where(db.EventRow.case_id == case_id).order_by(db.EventRow.id))
+            rows = s.scalars(select(db.EventRow).where(where).order_by(db.EventRow.id))
             return [{"command": r.command, "payload": r.payload, "correlation_id": r.correlation_id,
                      "timestamp": r.timestamp.isoformat() + "Z"} for r in rows]

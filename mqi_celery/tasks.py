@@ -13,77 +13,116 @@ from celery.exceptions import Retry
 from celery.utils.time import get_exponential_backoff_interval
 
 from . import logs, runtime
-from .errors import MQIError, is_transient
+from .errors import ConnectionError_, MQIError, is_transient
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("scan", "transfer", "execute", "conductor", "curator")
+# "control" is the poller and the reconciler: the loop that notices finished jobs and
+# stuck cases must never queue behind transfers or engine submissions.
+QUEUES = ("scan", "transfer", "execute", "conductor", "curator", "control")
 TASK_MODULES = ["mqi_celery.scanner", "mqi_celery.file_transfer", "mqi_celery.remote_executor",
-                "mqi_celery.conductor", "mqi_celery.curator"]
+                "mqi_celery.conductor", "mqi_celery.poller", "mqi_celery.curator", "mqi_celery.reconciler"]
 ROUTES = {
     "mqi.scan_inbox": {"queue": "scan"},
     "mqi.upload_case": {"queue": "transfer"},
     "mqi.download_results": {"queue": "transfer"},
-    "mqi.prepare_input": {"queue": "execute"},
-    "mqi.submit_job": {"queue": "execute"},
-    "mqi.wait_for_job": {"queue": "execute"},
-    "mqi.poll_jobs": {"queue": "execute"},
+    "mqi.submit_beam": {"queue": "execute"},
+    "mqi.poll_jobs": {"queue": "control"},
+    "mqi.reconcile": {"queue": "control"},
     "mqi.verify_results": {"queue": "conductor"},
     "mqi.finalize_case": {"queue": "conductor"},
-    "mqi.handle_failure": {"queue": "conductor"},
     "mqi.stop_case": {"queue": "conductor"},
+    "mqi.retry_case": {"queue": "conductor"},
+    "mqi.cancel_case": {"queue": "conductor"},
     "mqi.report_system_status": {"queue": "curator"},
 }
 
 
 class PipelineTask(Task):
-    """Base of every task that works on one case (first argument: ``case_id``)."""
+    """Base of every task that works on one case (first argument: ``case_id``).
 
-    #: A polling task retries transient faults at its poll interval, bounded by its own
-    #: deadline, because its retry counter already counts polls.
-    polling = False
-    #: ``attempt`` travels in the kwargs (checked here, never passed to ``run``).
+    Every such task carries ``dispatch``, the case's dispatch it belongs to: it starts by
+    extending that dispatch's lease, and skips itself if a later dispatch took over (the
+    reconciler re-dispatched the case, or it was retried). A task that fails for good
+    stops the case with the reason; an outage of the host parks the case instead."""
+
+    #: ``dispatch`` travels in the kwargs (checked here, never passed to ``run``).
     typing = False
 
     def __call__(self, *args, **kwargs):
-        attempt = kwargs.pop("attempt", None)
-        if attempt is not None and _superseded(case_id_of(args, kwargs), attempt):
-            # A task of an earlier run of this case (cancelled, then retried) woke up late.
-            log.info("%s: skipped, the case has moved on from attempt %s", self.name, attempt)
-            return "skipped: superseded attempt"
+        dispatch = kwargs.pop("dispatch", None)
+        case_id = case_id_of(args, kwargs)
+        lease = runtime.settings().reconciler.lease_seconds
+        if dispatch is not None and runtime.store().hold_lease(case_id, dispatch, lease) is None:
+            log.info("%s: skipped, case %s has moved on from dispatch %s", self.name, case_id, dispatch)
+            return "skipped: superseded dispatch"
         try:
             return super().__call__(*args, **kwargs)
         except Retry:
             raise
         except Exception as exc:
-            budget = runtime.settings().retry.max_retries
+            if case_id and _host_down(exc):
+                runtime.store().park(case_id, dispatch, str(exc))
+                log.warning("%s: case %s waits: %s", self.name, case_id, exc)
+                return "parked: host unreachable"
             if not is_transient(exc):
                 raise
-            if self.polling:
-                log.warning("%s: transient fault while polling: %s", self.name, exc)
-                raise self.retry(exc=exc, countdown=runtime.settings().scheduler.poll_interval_seconds,
-                                 max_retries=None) from exc
-            if self.request.retries < budget:
-                policy = runtime.settings().retry
+            policy = runtime.settings().retry
+            if self.request.retries < policy.max_retries:
                 delay = get_exponential_backoff_interval(policy.backoff_seconds, self.request.retries,
                                                          policy.backoff_max_seconds, policy.jitter)
                 log.warning("%s: transient fault, retry %d/%d in %ss: %s", self.name,
-                            self.request.retries + 1, budget, delay, exc)
-                raise self.retry(exc=exc, countdown=delay, max_retries=budget) from exc
+                            self.request.retries + 1, policy.max_retries, delay, exc)
+                if dispatch is not None:
+                    runtime.store().hold_lease(case_id, dispatch, lease + delay)
+                raise self.retry(exc=exc, countdown=delay, max_retries=policy.max_retries) from exc
             if isinstance(exc, MQIError):
-                exc.message = f"{exc.message} (gave up after {budget} retries)"
+                exc.message = f"{exc.message} (gave up after {policy.max_retries} retries)"
             raise
 
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        """Failed for good: the case stops with the reason, unless the fault is the
+        infrastructure's (database, broker): then the reconciler resumes it later."""
+        case_id = case_id_of(args, kwargs)
+        if not case_id or self.name == "mqi.stop_case":
+            return
+        if infrastructure_fault(exc):
+            log.error("%s: %s; case %s is left to the reconciler", self.name, exc, case_id)
+            return
+        reason = str(exc) if isinstance(exc, MQIError) else \
+            f"internal error in {self.name}: {type(exc).__name__}: {exc}"
+        try:
+            self.app.send_task("mqi.stop_case", (case_id, reason))
+        except Exception as send_exc:  # noqa: BLE001 - the reconciler comes back to the case
+            log.error("could not hand case %s to stop_case (%s); the reconciler will", case_id, send_exc)
 
-def _superseded(case_id: str | None, attempt: int) -> bool:
-    case = runtime.store().get_case(case_id) if case_id else None
-    return case is not None and case.attempts != attempt
+
+def _host_down(exc: BaseException) -> bool:
+    from .breaker import HostUnavailable
+
+    if isinstance(exc, HostUnavailable):
+        return True
+    breaker = runtime.breaker()
+    return isinstance(exc, ConnectionError_) and breaker is not None and breaker.state()[0] != "closed"
+
+
+def infrastructure_fault(exc: BaseException) -> bool:
+    """The database or the broker failed, not the case's work."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+    return isinstance(exc, (BrokerError, OperationalError, InterfaceError, DisconnectionError))
 
 
 @lru_cache(maxsize=1024)
 def _trace_id(case_id: str) -> str | None:
     case = runtime.store().get_case(case_id)
     return case.trace_id if case else None
+
+
+def for_case(case_id: str):
+    """Log lines and events inside carry the case's correlation id (for loops over cases)."""
+    return logs.bound(_trace_id(case_id))
 
 
 def case_id_of(args, kwargs) -> str | None:

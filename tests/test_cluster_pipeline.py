@@ -215,7 +215,7 @@ def test_ten_cases_one_ssh_handshake_per_worker_process(tmp_path, cluster):
 
 
 def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):
-    from mqi_celery.remote_executor import poll_jobs
+    from mqi_celery.poller import poll_jobs
     from mqi_celery.schedulers import JobSpec
     from mqi_celery.store import NewJob
 

@@ -185,7 +185,7 @@ def test_deadlines_count_engine_time_and_queue_time_apart():
 
     from mqi_celery.config import Settings
     from mqi_celery.db import utcnow
-    from mqi_celery.remote_executor import _overdue
+    from mqi_celery.remote_executor import overdue as _overdue
 
     s = Settings.model_validate({"engine": {"timeout_seconds": 100}, "scheduler": {"max_queue_seconds": 1000}})
     slurm, direct = SimpleNamespace(enforces_time_limit=True), SimpleNamespace(enforces_time_limit=False)

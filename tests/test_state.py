@@ -96,11 +96,52 @@ def test_the_poller_only_updates_the_run_it_asked_about(config_file):
     assert store.get_job("c1", 2).exit_code is None
 
 
-def test_tasks_of_an_earlier_attempt_skip_themselves(config_file):
+def _queued_case(store, case_id="c1", beams=(2, 3)):
+    store.register_case(case_id, f"/inbox/{case_id}")
+    store.add_jobs(case_id, [NewJob(b, f"b{b}", f"d{b}") for b in beams])
+    store.update_case(case_id, status=CaseStatus.QUEUED, stage="upload")
+
+
+def test_tasks_of_a_superseded_dispatch_skip_themselves(config_file):
     from mqi_celery.conductor import finalize_case
 
     store = runtime.store()
-    store.register_case("c1", "/inbox/c1")
-    store.update_case("c1", attempts=2)
-    assert finalize_case("c1", attempt=1) == "skipped: superseded attempt"
-    assert finalize_case("c1", attempt=2) == "skipped: case is NEW"  # the current attempt runs
+    _queued_case(store)
+    first = store.start_dispatch("c1", 60)
+    second = store.start_dispatch("c1", 60)
+    assert (first.dispatch, second.dispatch) == (1, 2)
+    assert finalize_case("c1", dispatch=1) == "skipped: superseded dispatch"
+    assert finalize_case("c1", dispatch=2) == "skipped: case is QUEUED"  # the current dispatch runs
+
+
+def test_a_stage_moves_on_exactly_once(config_file):
+    store = runtime.store()
+    _queued_case(store)
+    store.update_case("c1", status=CaseStatus.PROCESSING)
+    assert store.advance_stage("c1", "upload", "submit", 60).stage == "submit"
+    assert store.advance_stage("c1", "upload", "submit", 60) is None  # a redelivery does nothing
+    assert not store.finish_submits("c1")  # beams still wait to be submitted
+    for beam in (2, 3):
+        store.update_job("c1", beam, status=JobStatus.RUNNING, remote_id=str(beam))
+    assert store.finish_submits("c1") and not store.finish_submits("c1")
+    case = store.get_case("c1")
+    assert case.stage == "run" and case.lease_until is None  # the poller's: no lease to expire
+    assert store.cases_to_collect() == []
+    for beam in (2, 3):
+        store.update_job("c1", beam, status=JobStatus.COMPLETED)
+    assert store.cases_to_collect() == ["c1"]
+
+
+def test_expired_and_void_leases_are_found_parked_cases_are_not(config_file):
+    store = runtime.store()
+    for case_id in ("live", "lost", "parked", "done"):
+        _queued_case(store, case_id)
+    store.start_dispatch("live", 600)
+    store.start_dispatch("lost", -1)
+    store.start_dispatch("parked", -1)
+    store.park("parked", None, "host h unreachable since 10:00")
+    store.update_case("done", status=CaseStatus.FAILED, lease_until=None)
+    assert store.expired_leases() == ["lost"]
+    assert store.parked_cases() == ["parked"]
+    assert store.void_leases() == 2  # live and lost: at start-up nothing is alive
+    assert sorted(store.expired_leases()) == ["live", "lost"]

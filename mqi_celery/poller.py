@@ -1,0 +1,111 @@
+"""Poller (celery beat, queue ``control``): the one loop that watches running jobs.
+
+Once per poll interval it asks each host's scheduler about every active job in one
+command, judges the runs that ended (exit code, log, outputs), resubmits after a node
+fault, kills a run past its deadline, and hands cases whose beams are all over to the
+Conductor for collection. No message exists per running beam, so broker traffic does not
+grow with the work in flight, and this loop has its own queue and worker: noticing a
+finished job never waits behind transfers or submissions.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import engine, messages, runtime
+from .breaker import HostUnavailable
+from .celery_app import app
+from .conductor import collect_finished
+from .db import utcnow
+from .errors import MQIError
+from .models import JobStatus
+from .naming import remote_job_dir, remote_output_dir
+from .remote_executor import finish, overdue, submit
+from .tasks import for_case
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name="mqi.poll_jobs", ignore_result=True)
+def poll_jobs() -> int:
+    """The control loop, once per poll interval: one scheduler query for every active job
+    of the host, a verdict on each job that ended, and finished cases moved on to collect.
+    Its cost follows the jobs that changed, never one message per beam."""
+    store, host, scheduler = runtime.store(), runtime.host(), runtime.scheduler()
+    active = [j for j in store.active_jobs() if j.scheduler == scheduler.kind]
+    watching = {j.remote_id: j for j in active if j.finished_at is None}
+    states = _poll(store, host, scheduler, watching) if watching else {}
+    for job in active:
+        with for_case(job.case_id):
+            state = states.get(job.remote_id)
+            if state is not None:
+                job = _record(store, job, state) or job
+            if job.finished_at is not None:
+                _judge(job)
+            elif job.remote_id in states and (reason := overdue(job, scheduler, runtime.settings())):
+                scheduler.cancel(job.remote_id, remote_job_dir(host.root, job.case_id, job.beam))
+                finish(job.case_id, job.beam, reason)
+    collect_finished()
+    return len(active)
+
+
+def _poll(store, host, scheduler, watching: dict) -> dict:
+    """States of the watched jobs; {} when the host or its scheduler does not answer (the
+    breaker covers a host that is down; a scheduler failing for too long fails its jobs)."""
+    settings = runtime.settings()
+    try:
+        states = scheduler.poll({rid: remote_job_dir(host.root, j.case_id, j.beam) for rid, j in watching.items()})
+    except HostUnavailable as exc:
+        log.info("not polling %d job(s): %s", len(watching), exc)
+        return {}
+    except MQIError as exc:
+        since = store.note_poll(host.name, str(exc))
+        failing = (utcnow() - since).total_seconds()
+        log.warning("polling %d job(s) on %s failed (for %.0f s): %s", len(watching), host.name, failing, exc)
+        if failing > settings.scheduler.max_poll_failure_seconds:
+            for job in watching.values():
+                with for_case(job.case_id):
+                        finish(job.case_id, job.beam, f"the scheduler on {host.name} did not answer for "
+                                                   f"{failing:.0f} s; last error: {exc}")
+        return {}
+    store.note_poll(host.name, None)
+    return states
+
+
+def _record(store, job, state):
+    fields = {"remote_state": state.state}
+    if job.started_at is None and (state.state == "RUNNING" or state.finished):
+        fields["started_at"] = utcnow()
+    if state.finished:
+        fields.update(exit_code=state.exit_code, finished_at=utcnow())
+    return store.update_job(job.case_id, job.beam, only_from={JobStatus.RUNNING}, if_remote_id=job.remote_id,
+                            **fields)
+
+
+def _judge(job) -> None:
+    """The verdict on a run that ended: resubmitted after a node fault, else completed or
+    failed from its exit code, log and outputs. Reading them may fail for a while; the
+    verdict is tried again at the next poll, a bounded number of times."""
+    settings, store, host, scheduler = runtime.settings(), runtime.store(), runtime.host(), runtime.scheduler()
+    case_id, beam = job.case_id, job.beam
+    job_dir = remote_job_dir(host.root, case_id, beam)
+    try:
+        if job.remote_state in scheduler.transient_states and job.resubmits < settings.retry.max_retries:
+            log.warning("beam %s of %s ended %s (not the engine's fault); submitting again", beam, case_id,
+                        job.remote_state)
+            messages.emit("execution_resubmitted", {"beam": beam, "state": job.remote_state,
+                                                    "resubmit": job.resubmits + 1}, case_id=case_id)
+            submit(case_id, beam, job.gpu_id, resubmits=job.resubmits + 1)
+            return
+        log_tail = host.read_tail(job_dir / "job.log")
+        outputs = host.list_files(remote_output_dir(host.root, case_id, beam))
+    except HostUnavailable:
+        return  # the host is down: nothing counts against the job
+    except MQIError as exc:
+        if not exc.transient or job.judge_attempts + 1 >= settings.scheduler.max_judge_attempts:
+            finish(case_id, beam, f"the finished job's log and outputs could not be read "
+                                   f"({job.judge_attempts + 1} attempts): {exc}")
+        else:
+            store.update_job(case_id, beam, judge_attempts=job.judge_attempts + 1, if_remote_id=job.remote_id)
+        return
+    finish(case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format,
+                                          scheduler.reason_for(job.remote_state or "", job.exit_code)))

@@ -1,0 +1,120 @@
+"""Reconciler (celery beat and start-up, queue ``control``): no case is left behind.
+
+A case's stage is leased to the dispatch that carries it (see ``conductor``). When a lease
+runs out with no task of that dispatch alive, because a message was lost, a worker was
+killed or the broker restarted, the case is dispatched again from its stage, with an event
+saying why. Each case gets ``reconciler.max_reconciles`` such second chances between two
+steps that finish; then it fails with the reason. Cases parked while their host was down
+resume (without counting) once its breaker closes; the reconciler also sends the breaker's
+probe, since nothing else connects to a host everybody waits for.
+
+Its cost follows what is active: the queries select expired leases and parked cases only.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import logs, messages, runtime
+from .celery_app import app
+from .conductor import admit, dispatch, fail_case
+from .db import utcnow
+from .models import CaseStatus
+
+log = logging.getLogger(__name__)
+
+# Where the first task of each stage waits: a case may still be queued there, not lost.
+STAGE_QUEUE = {"upload": "transfer", "submit": "execute", "collect": "transfer"}
+
+
+@app.task(name="mqi.reconcile", ignore_result=True)
+def reconcile() -> dict:
+    return reconcile_once()
+
+
+def reconcile_once(limit: int = 200) -> dict:
+    settings, store = runtime.settings(), runtime.store()
+    summary = {"probed": _probe(), "resumed": _resume_parked(), "reconciled": 0, "failed": 0, "postponed": 0}
+    expired = store.expired_leases(limit)
+    busy = _busy_queues() if expired else set()
+    for case_id in expired:
+        case = store.get_case(case_id)
+        with logs.bound(case.trace_id):
+            if case.status is not CaseStatus.NEW and STAGE_QUEUE.get(case.stage) in busy:
+                # Its task may be waiting in line behind other cases: a longer lease, no count.
+                store.hold_lease(case_id, case.dispatch, settings.reconciler.lease_seconds)
+                summary["postponed"] += 1
+                continue
+            if case.reconciles >= settings.reconciler.max_reconciles:
+                fail_case(case_id, f"no progress in stage '{case.stage}' after {case.reconciles} re-dispatches "
+                                   f"(lost messages or crashing workers); see the worker logs, then `mqi cases retry`")
+                summary["failed"] += 1
+                continue
+            reason = _why(case)
+            messages.emit("case_reconciled", {"stage": case.stage, "status": case.status.value,
+                                              "dispatch": case.dispatch, "reason": reason}, case_id=case_id)
+            log.warning("case %s reconciled: %s", case_id, reason)
+            if case.status is CaseStatus.NEW:
+                store.update_case(case_id, reconciles=case.reconciles + 1, lease_until=None)
+                admit(case_id)
+            else:
+                dispatch(case_id, reconcile=True)
+            summary["reconciled"] += 1
+    return summary
+
+
+def _why(case) -> str:
+    since = f"{case.lease_until:%H:%M:%S} UTC" if case.lease_until else "start-up"
+    if case.status is CaseStatus.NEW:
+        return f"registered but never validated (no task alive since {since})"
+    return f"no task of dispatch {case.dispatch} alive in stage '{case.stage}' since {since}; dispatched again"
+
+
+def _resume_parked() -> int:
+    """Cases that waited for a host whose breaker is closed again go on where they were."""
+    store, breaker = runtime.store(), runtime.breaker()
+    if breaker is not None and breaker.state()[0] != "closed":
+        return 0
+    resumed = 0
+    for case_id in store.parked_cases():
+        case = store.get_case(case_id)
+        messages.emit("case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
+        if case.status is CaseStatus.NEW:
+            store.update_case(case_id, wait_reason=None, lease_until=utcnow())
+        elif not dispatch(case_id):
+            store.update_case(case_id, wait_reason=None)  # the poller's stage: it simply polls again
+        resumed += 1
+    return resumed
+
+
+def _probe() -> bool:
+    """Once the breaker's cool-down is over, one light command tells whether the host is back."""
+    breaker = runtime.breaker()
+    if breaker is None or breaker.state()[0] == "closed":
+        return False
+    try:
+        runtime.host().run("true", timeout=30)
+    except Exception as exc:  # noqa: BLE001 - refused by the breaker or failed: it recorded why
+        log.info("host probe: %s", exc)
+        return False
+    return True
+
+
+def _busy_queues() -> set[str]:
+    """Queues that hold waiting messages (their depth, asked of the broker once per run)."""
+    busy = set()
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            for queue in set(STAGE_QUEUE.values()):
+                if channel.queue_declare(queue=queue, passive=True).message_count > 0:
+                    busy.add(queue)
+    except Exception as exc:  # noqa: BLE001 - unknown depth: assume waiting, never re-dispatch blindly
+        log.warning("could not read queue depths (%s); postponing reconciliation", exc)
+        return set(STAGE_QUEUE.values())
+    return busy
+
+
+def on_startup() -> int:
+    """Start-up of a whole installation (``mqi run``): no task of an earlier run is alive,
+    so every lease is void and the first reconcile run picks every active case up."""
+    return runtime.store().void_leases()
