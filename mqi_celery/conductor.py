@@ -24,7 +24,7 @@ from pathlib import Path
 import pydicom
 from celery import chain, group
 
-from . import case_reader, logs, messages, runtime
+from . import case_reader, faults, logs, messages, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
 from .errors import MQIError, ValidationError
@@ -123,6 +123,7 @@ def verify_results(self, case_id: str) -> str:
     store = runtime.store()
     if store.begin_step(case_id, "verifying") is None:
         return "skipped: case no longer active"
+    faults.point("before_verify")
     folder = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:
         if job.status is not JobStatus.COMPLETED:
@@ -160,6 +161,7 @@ def finalize_case(self, case_id: str) -> str:
     if case.status is not CaseStatus.PROCESSING:
         return f"skipped: case is {case.status.value}"
     failed = [j for j in case.jobs if j.status is not JobStatus.COMPLETED]
+    faults.point("before_finalize")
     _write_report(case)
     if failed:
         reason = "; ".join(f"beam {j.beam} ({j.beam_name}): {j.error or j.status.value}" for j in failed)

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path, PurePosixPath
 
-from . import messages, runtime
+from . import faults, messages, runtime
 from .celery_app import app
 from .errors import MQIError, TransferError
 from .hosts import Host, file_sha256
@@ -33,6 +33,7 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
         host.rename(remote_dir, staging)
     todo = _mismatches(host, staging, manifest) if host.exists(staging) else files
     sent = host.put_tree(local_dir, staging, todo)
+    faults.point("upload_sent")  # crash tests: the files are there, not yet verified
     bad = _mismatches(host, staging, manifest)
     if bad:
         raise TransferError(f"{len(bad)} file(s) differ from the case manifest after upload "
@@ -60,6 +61,7 @@ def download_verified(host: Host, remote_dir: PurePosixPath, local_dir: Path) ->
             continue
         part = final.with_name(f".{final.name}.part")
         host.get(remote_dir / name, part)
+        faults.point("download_part")  # crash tests: a partial download on disk
         actual = file_sha256(part)
         if actual != expected:
             part.unlink(missing_ok=True)

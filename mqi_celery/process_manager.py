@@ -37,6 +37,13 @@ def control_worker_command(settings: Settings) -> list[str]:
                           concurrency=1)
 
 
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Supervised:
     """One child process, restarted with backoff when it exits on its own."""
 
@@ -49,8 +56,11 @@ class Supervised:
     def start(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
+            # Own session (Ctrl-C reaches us, and we stop it warmly), but it dies with us: a
+            # SIGKILLed `mqi run` must not leave workers behind to race a new one.
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
 
     def check(self) -> str | None:
         """Restart a dead child; returns a message when that happened."""

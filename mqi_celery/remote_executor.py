@@ -72,7 +72,7 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     faults.point("after_submit")  # crash tests: die between the submit and the database write
     recorded = runtime.store().update_job(
         case_id, beam, only_from={JobStatus.PENDING, JobStatus.RUNNING}, step="submitted", scheduler=scheduler.kind,
-        remote_id=remote_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
+        remote_id=remote_id, gpu_id=gpu_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
         finished_at=None, error=None, **fields)
     if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
         scheduler.cancel(remote_id, job_dir)

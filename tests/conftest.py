@@ -14,21 +14,11 @@ import pytest
 import yaml
 
 from mqi_celery import runtime
+from tests.pipeline_cluster import cluster  # noqa: F401  (workers + testbed, per test)
+from tests.polling import poll_until  # noqa: F401  (tests import it from here)
 from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (the real sshd + Slurm, for every test)
 
 BIN = Path(sys.executable).parent
-
-
-def poll_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
-    """Return predicate()'s first truthy value, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def group_alive(pgid: int) -> bool:
@@ -41,6 +31,39 @@ def group_alive(pgid: int) -> bool:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+def installation_pids(config: Path, *, state: str | None = None) -> list[int]:
+    """The processes of one installation (``mqi run``, its workers and their pool
+    children: every `mqi`/`celery` process started with this MQI_CONFIG), optionally only
+    those in one /proc state ("T": frozen by a fault point). Engines are not among them:
+    they are the cluster's, and outlive a crash of the pipeline."""
+    wanted, pids = f"MQI_CONFIG={config}".encode(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"celery" not in cmdline and b"bin/mqi\0" not in cmdline:
+                continue
+            if wanted not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            if state and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != state:
+                continue
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        pids.append(int(proc.name))
+    return pids
+
+
+def kill_installation(config: Path) -> int:
+    """SIGKILL every process of the installation at once (a power cut of the pipeline host)."""
+    pids = installation_pids(config)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    poll_until(lambda: not installation_pids(config), 30, what="the installation to die")
+    return len(pids)
 
 
 def write_config(folder: Path, **sections) -> Path:
@@ -82,13 +105,13 @@ def config_file(tmp_path, monkeypatch):
 class Embedded:
     """`mqi run` in a subprocess plus `mqi cases …` calls, like a user in two terminals."""
 
-    def __init__(self, folder: Path, config: Path):
+    def __init__(self, folder: Path, config: Path, env: dict[str, str] | None = None):
         self.folder, self.config = folder, config
-        self.env = {**os.environ, "MQI_CONFIG": str(config)}
+        self.env = {**os.environ, **(env or {}), "MQI_CONFIG": str(config)}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Embedded":
-        self.out = open(self.folder / "run.out", "wb")
+        self.out = open(self.folder / "run.out", "ab")
         self.proc = subprocess.Popen([str(BIN / "mqi"), "run", "--no-live"], cwd=self.folder, env=self.env,
                                      stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
@@ -136,11 +159,12 @@ def embedded(tmp_path):
     """Factory: ``embedded(**config_sections)`` starts `mqi run`; stopped at test end."""
     runs: list[Embedded] = []
 
-    def start(**sections) -> Embedded:
-        run = Embedded(tmp_path, write_config(tmp_path, **sections)).start()
+    def start(env: dict[str, str] | None = None, **sections) -> Embedded:
+        run = Embedded(tmp_path, write_config(tmp_path, **sections), env).start()
         runs.append(run)
         return run
 
     yield start
     for run in runs:
         run.stop()
+

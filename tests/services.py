@@ -3,9 +3,12 @@ vhost and PostgreSQL database per test, and real `celery` worker/beat processes.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,11 +47,15 @@ def postgres_database():
 
 
 class CeleryProcesses:
-    """Real `celery worker -Q <queue>` processes (one per queue) and one `celery beat`."""
+    """Real `celery worker -Q <queue>` processes (one per queue) and one `celery beat`.
+
+    Each runs in its own process group, so a test can SIGKILL a whole worker (main
+    process and pool children), as a crash or the OOM killer would, and start it again."""
 
     def __init__(self, folder: Path, config: Path):
         self.folder, self.env = folder, {**os.environ, "MQI_CONFIG": str(config)}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, tuple[str, ...]] = {}
 
     def start_worker(self, queue: str, *extra: str) -> subprocess.Popen:
         return self._spawn(f"worker-{queue}", "worker", "-Q", queue, "-n", f"{queue}@%h",
@@ -58,11 +65,20 @@ class CeleryProcesses:
         return self._spawn("beat", "beat", "-s", str(self.folder / "beat-schedule"), "--loglevel", "INFO")
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")
+        log = open(self.folder / f"{name}.log", "ab")
         proc = subprocess.Popen([*CELERY, *args], cwd=self.folder, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.procs[name] = proc
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name], self.argv[name] = proc, args
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the whole process (pool children included): no shutdown, no acks."""
+        proc = self.procs[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str) -> subprocess.Popen:
+        return self._spawn(name, *self.argv[name])
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -72,5 +88,18 @@ class CeleryProcesses:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def received_tasks(log_file: Path) -> Counter:
+    """Task messages the workers received, by task name (Celery's "Task X[id] received")."""
+    counts: Counter = Counter()
+    for line in log_file.read_text().splitlines():
+        m = RECEIVED.search(line)
+        if m:
+            counts[m.group(1)] += 1
+    return counts
+
+
+RECEIVED = re.compile(r'"message": "Task ([\w.]+)\[[0-9a-f-]+\] received"')

@@ -3,11 +3,6 @@ real single-node Slurm with fake GPUs (tests/testbed). The engine (mqi-demo-engi
 as the Slurm job, on the "cluster" side of the SSH connection."""
 from __future__ import annotations
 
-import hashlib
-import shutil
-import sys
-from pathlib import Path
-
 import pytest
 
 from mqi_celery import runtime
@@ -15,90 +10,9 @@ from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.tasks import QUEUES
 from tests.casegen import STUDY_UID, make_case
 from tests.conftest import poll_until
-from tests.services import CeleryProcesses, postgres_database, rabbitmq_vhost
+from tests.pipeline_cluster import ENGINE, drop_case, running_job, sha256, wait_finished
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
-
-# The issue allows the real case from the shared fixtures; without it, the same plan and
-# delivery logs with generated layer files.
-SHARED_CASE = Path(__file__).resolve().parents[2] / "shared/fixtures/cases/shi_log" / STUDY_UID
-ENGINE = Path(sys.executable).parent / "mqi-demo-engine"
-
-
-def drop_case(inbox: Path, name: str = STUDY_UID, *, marker: bool = True) -> Path:
-    if name == STUDY_UID and SHARED_CASE.is_dir():
-        case = inbox / name
-        shutil.copytree(SHARED_CASE, case)
-        for p in [case, *case.rglob("*")]:
-            p.chmod(p.stat().st_mode | 0o200)  # the shared copy is read-only
-        if marker:
-            (case / "_CASE_READY").touch()
-        return case
-    return make_case(inbox, name, marker=marker)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class Cluster:
-    """The testbed, a fresh vhost and database, and the celery processes of one test."""
-
-    def __init__(self, tmp_path: Path, config_file, tb, broker: str, database: str):
-        self.tmp, self.tb, self.broker, self.database = tmp_path, tb, broker, database
-        self.config_file = config_file
-        self.remote_root = tb.remote_root / tmp_path.name
-        self.procs: CeleryProcesses | None = None
-
-    def configure(self, engine_args: str = "", **sections) -> CeleryProcesses:
-        tb = self.tb
-        base = dict(
-            broker={"url": self.broker, "result_backend": "db+" + self.database},
-            database={"url": self.database},
-            transport={"kind": "ssh", "remote_root": str(self.remote_root),
-                       "ssh": {"host": tb.host, "port": tb.ssh_port, "user": tb.user,
-                               "key_file": str(tb.client_key), "known_hosts": str(tb.known_hosts)}},
-            scheduler={"kind": "slurm", "poll_interval_seconds": 0.5, "slurm": {"gres": "gpu:1"}},
-            engine={"command": f"{ENGINE} {engine_args} {{input_file}}", "timeout_seconds": 120},
-        )
-        base.update(sections)
-        self.procs = CeleryProcesses(self.tmp, self.config_file(**base))
-        return self.procs
-
-    def start(self, execute_args=("--pool", "threads", "--concurrency", "4")) -> None:
-        for queue in QUEUES:
-            args = execute_args if queue == "execute" else ("--pool", "threads", "--concurrency", "4")
-            self.procs.start_worker(queue, *args)
-        self.procs.start_beat()
-
-
-@pytest.fixture
-def cluster(tmp_path, config_file, slurm_testbed):
-    with rabbitmq_vhost() as broker, postgres_database() as database:
-        c = Cluster(tmp_path, config_file, slurm_testbed, broker, database)
-        try:
-            yield c
-        finally:
-            if c.procs:
-                c.procs.stop()
-            slurm_testbed.ssh("scancel --user=root")
-
-
-def wait_finished(case_id: str, timeout: float = 180):
-    store = runtime.store()
-
-    def finished():
-        case = store.get_case(case_id)
-        return case if case and case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) else None
-    return poll_until(finished, timeout, 0.5, f"case {case_id} to finish")
-
-
-def running_job(case_id: str, beam: int):
-    """The job once Slurm runs it (None before the case is even registered)."""
-    case = runtime.store().get_case(case_id)
-    job = next((j for j in case.jobs if j.beam == beam), None) if case else None
-    return job if job and job.remote_state == "RUNNING" else None
-
 
 def test_real_case_completes_on_slurm_over_ssh(tmp_path, cluster):
     cluster.configure()
@@ -110,8 +24,7 @@ def test_real_case_completes_on_slurm_over_ssh(tmp_path, cluster):
     events = runtime.store().events(STUDY_UID)
     upload = next(e for e in events if e["command"] == "upload_success")
     assert upload["payload"]["verified_files"] == len(case.manifest)
-    if SHARED_CASE.is_dir():
-        assert len(case.manifest) == 1 + 3 * 2 + 2 * (34 + 32 + 42)  # plan, txt files, .ptn + .mgn
+    assert len(case.manifest) == 1 + 3 * 2 + 2 * (34 + 32 + 42)  # plan, txt files, .ptn + .mgn
     remote_case = cluster.remote_root / STUDY_UID
     # The remote copy matches the manifest, file by file.
     for rel, digest in case.manifest.items():

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -96,7 +97,7 @@ def test_config_check_command(tmp_path):
 
 
 def test_settings_sections_forbid_extra_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="outbox"):
         Settings.model_validate({"paths": {"inbox": "x", "outbox": "y"}})
 
 

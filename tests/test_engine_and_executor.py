@@ -74,8 +74,10 @@ def test_direct_scheduler_runs_polls_and_kills_real_processes(tmp_path):
     assert done[quick_id].exit_code == 3 and not done[slow_id].finished
     assert (tmp_path / "quick" / "job.log").read_text() == "hi\n"
     sched.cancel(slow_id, slow.workdir)
-    poll_until(lambda: sched.poll({slow_id: slow.workdir})[slow_id].state in ("LOST", "EXITED"), 10,
-               what="killed job to stop")
+    # The whole group got the signal, the wrapper too: it never wrote an exit code.
+    stopped = poll_until(lambda: (s := sched.poll({slow_id: slow.workdir})[slow_id]).finished and s, 10,
+                         what="killed job to stop")
+    assert stopped.state == "LOST" and stopped.exit_code is None
     poll_until(lambda: not group_alive(int(slow_id)), 10, what="the job's own processes to stop")
 
 

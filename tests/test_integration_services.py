@@ -67,3 +67,32 @@ def test_case_completes_through_rabbitmq_and_postgres(tmp_path, config_file, ser
     # The database, not the broker, is the record: every published message is an event row.
     recorded = [e["command"] for e in store.events(STUDY_UID)]
     assert sorted(recorded) == sorted(b["command"] for _, b in received if b["command"] != "system_status_update")
+
+
+def test_a_failed_event_publish_never_fails_a_case(tmp_path, config_file, services):
+    broker, database = services
+    config = config_file(broker={"url": broker, "result_backend": "db+" + database, "folder": str(tmp_path / "unused")},
+                         database={"url": database})
+    store = runtime.store()
+    with Connection(broker) as conn:
+        # Someone declared the events exchange with another type: every publish is refused
+        # by RabbitMQ (PRECONDITION_FAILED).
+        Exchange("mqi.events", type="direct", durable=True)(conn.default_channel).declare()
+    procs = CeleryProcesses(tmp_path, config)
+    try:
+        for queue in QUEUES:
+            procs.start_worker(queue, "--pool", "threads", "--concurrency", "2")
+        procs.start_beat()
+        make_case(tmp_path / "inbox", marker=True, rows_per_layer=2)
+
+        def finished():
+            case = store.get_case(STUDY_UID)
+            return case if case and case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) else None
+        case = poll_until(finished, 120, 0.5, "the case to finish")
+    finally:
+        procs.stop()
+    assert case.status is CaseStatus.COMPLETED, case.error
+    log = (tmp_path / "log" / "mqi.jsonl").read_text()
+    assert "could not publish upload_success" in log and "PRECONDITION_FAILED" in log
+    # The record does not depend on the exchange: every event is in the database.
+    assert "case_completed" in [e["command"] for e in store.events(STUDY_UID)]

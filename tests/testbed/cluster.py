@@ -79,6 +79,7 @@ class Testbed:
         self.host_key_fingerprint = ""
         self.startup_seconds = 0.0
         self._procs: dict[str, subprocess.Popen] = {}
+        self._argv: dict[str, tuple[str, ...]] = {}
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Testbed":
@@ -215,7 +216,25 @@ class Testbed:
         self._poll("first scheduling cycle", self.start_timeout, ready=self._scheduler_ran)
         self._poll("sshd banner", self.start_timeout, ready=self._sshd_answers)
 
+    def stop_daemon(self, name: str, *, graceful: bool = False) -> None:
+        """Kill one daemon and everything in its process group (for sshd: every open SSH
+        session with it), as a crash would; ``graceful``: SIGTERM, as a service restart."""
+        proc = self._procs.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(self.stop_timeout)
+
+    def start_daemon(self, name: str) -> None:
+        """Start a daemon stopped by ``stop_daemon`` again, and wait until it answers."""
+        self._spawn(name, *self._argv[name])
+        ready = {"sshd": self._sshd_answers,
+                 "slurmctld": lambda: self._slurm("squeue", "-h").returncode == 0}.get(name, lambda: True)
+        self._poll(f"{name} back", self.start_timeout, ready=ready)
+
     def _spawn(self, name: str, *argv: str) -> None:
+        self._argv[name] = argv
         out = open(self.base / "log" / f"{name}.stdout", "ab")
         with out:
             self._procs[name] = subprocess.Popen(

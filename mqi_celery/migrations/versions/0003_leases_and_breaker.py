@@ -21,6 +21,12 @@ UPDATE cases SET stage = CASE
   WHEN status = 'PROCESSING' THEN 'upload'
   ELSE NULL END
 """
+# Tasks of the old canvases are gone with the old code: active cases count as lost since
+# their last change, so the reconciler resumes them (the poller has those in "run").
+_LEASES_EXPIRED = """
+UPDATE cases SET lease_until = updated_at
+WHERE status IN ('NEW', 'QUEUED', 'PROCESSING') AND stage <> 'run'
+"""
 
 
 def upgrade() -> None:
@@ -34,6 +40,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch_op:
         batch_op.add_column(sa.Column("judge_attempts", sa.Integer(), nullable=False, server_default="0"))
     op.execute(_STAGE_FROM_STEP)
+    op.execute(_LEASES_EXPIRED)
     op.create_table(
         "hosts",
         sa.Column("name", sa.String(255), primary_key=True),

@@ -1,0 +1,257 @@
+"""Every case finishes exactly once, under load and under faults, on real processes:
+RabbitMQ + PostgreSQL workers (one prefork worker per queue, as in production), a real
+sshd and a real Slurm (tests/testbed). Each test prints its figures as one JSON line
+("FAULT-REPORT ...") for the record; the asserts are what must hold."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mqi_celery import runtime
+from mqi_celery.models import CaseStatus
+from mqi_celery.tasks import QUEUES
+from tests.casegen import make_case
+from tests.polling import poll_until
+from tests.pipeline_cluster import sha256, wait_finished
+from tests.services import received_tasks
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+
+
+def start_production(cluster, **sections):
+    """One prefork worker per queue (concurrency 2) and one beat, like docs/deployment.md."""
+    procs = cluster.configure(**sections)
+    for queue in QUEUES:
+        procs.start_worker(queue, "--pool", "prefork", "--concurrency", "2")
+    procs.start_beat()
+    return procs
+
+
+def wait_all(case_ids, timeout: float, procs=None):
+    """Wait until every case finished; meanwhile restart any worker that died (what
+    systemd's Restart=always or `mqi run` does)."""
+    store = runtime.store()
+
+    def finished():
+        if procs is not None:
+            for name, proc in list(procs.procs.items()):
+                if proc.poll() is not None:
+                    procs.restart(name)
+        cases = [store.get_case(c) for c in case_ids]
+        return cases if all(c and c.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) for c in cases) else None
+    return poll_until(finished, timeout, 1.0, f"{len(case_ids)} cases to finish")
+
+
+def sbatch_per_beam(cluster) -> Counter:
+    """sbatch calls per beam folder of this test, as the cluster logged them."""
+    calls = Counter()
+    for call in cluster.tb.scheduler_calls():
+        if call.startswith("sbatch") and f"{cluster.remote_root}/" in call:
+            calls[next(w for w in call.split() if "/beam_" in w).rsplit("/", 1)[0]] += 1
+    return calls
+
+
+def assert_exactly_once(cluster, cases) -> None:
+    """Completed, one Slurm job per beam, every result on disk matching its recorded hash."""
+    for case in cases:
+        assert case.status is CaseStatus.COMPLETED, (case.case_id, case.error)
+        events = [e["command"] for e in runtime.store().events(case.case_id)]
+        assert events.count("case_completed") == 1, events
+        for job in case.jobs:
+            assert job.results, (case.case_id, job.beam)
+            for name, digest in job.results.items():
+                assert sha256(cluster.tmp / "results" / case.case_id / name) == digest
+    per_beam = sbatch_per_beam(cluster)
+    beams = {f"{cluster.remote_root}/{c.case_id}/beam_{j.beam}" for c in cases for j in c.jobs}
+    assert set(per_beam) == beams and set(per_beam.values()) == {1}, per_beam
+
+
+def report(name: str, **figures) -> None:
+    print(f"FAULT-REPORT {json.dumps({'test': name, **figures})}")
+
+
+class CpuHog:
+    """Busy loops holding every core, like a shared CI machine."""
+
+    def __init__(self, n: int = 2):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------- 1. under load
+def _run_batch(cluster, prefix: str, n: int) -> tuple[list, Counter, float]:
+    log = cluster.tmp / "log" / "mqi.jsonl"
+    before = received_tasks(log) if log.exists() else Counter()
+    for i in range(n):
+        make_case(cluster.tmp / "inbox", f"{prefix}{i:02d}", marker=True, rows_per_layer=2)
+    t0 = time.monotonic()
+    cases = wait_all([f"{prefix}{i:02d}" for i in range(n)], 900)
+    elapsed = time.monotonic() - t0
+    received = received_tasks(log) - before
+    return cases, received, elapsed
+
+
+def test_messages_per_beam_do_not_grow_with_the_work_in_flight(cluster):
+    start_production(cluster, scheduler={"kind": "slurm", "poll_interval_seconds": 2.0, "slurm": {"gres": "gpu:1"}},
+                     scanner={"interval_seconds": 2.0, "settle_seconds": 3})
+    hog = CpuHog()
+    try:
+        small, small_msgs, small_s = _run_batch(cluster, "ten", 10)
+        large, large_msgs, large_s = _run_batch(cluster, "thirty", 30)
+    finally:
+        hog.stop()
+    assert_exactly_once(cluster, small + large)
+    per_beam_small = sum(small_msgs.values()) / 30
+    per_beam_large = sum(large_msgs.values()) / 90
+    report("load", beams_small=30, msgs_small=dict(small_msgs), per_beam_small=round(per_beam_small, 2),
+           seconds_small=round(small_s), beams_large=90, msgs_large=dict(large_msgs),
+           per_beam_large=round(per_beam_large, 2), seconds_large=round(large_s))
+    # Work messages are a constant per beam (upload, verify... per case; one submit per
+    # beam); the periodic ones (scan, poll, reconcile) follow the clock, not the beams.
+    work = ("mqi.upload_case", "mqi.submit_beam", "mqi.download_results", "mqi.verify_results", "mqi.finalize_case")
+    assert sum(large_msgs[t] for t in work) == 90 + 4 * 30
+    assert per_beam_large <= 12 and per_beam_small <= 12
+    assert "celery.chord_unlock" not in large_msgs
+    # correlation_id on every log line of the multi-process run; a case's lines carry its own.
+    traces = {c.case_id: c.trace_id for c in small + large}
+    for line in (cluster.tmp / "log" / "mqi.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert "correlation_id" in record
+        case_id = (record.get("payload") or {}).get("case_id")
+        if case_id in traces:
+            assert record["correlation_id"] == traces[case_id], record
+
+
+# ---------------------------------------------------------------- 2. worker SIGKILLs
+def test_sigkilled_workers_lose_and_duplicate_nothing(cluster, tmp_path):
+    procs = cluster.configure()
+    flags = {point: tmp_path / f"fault-{point}" for point in ("upload_sent", "after_submit", "before_finalize")}
+    for flag in flags.values():
+        flag.touch()
+    # Each point SIGKILLs the worker that reaches it, pool and all, once.
+    procs.env["MQI_FAULT_INJECT"] = ",".join(f"{p}:{f}" for p, f in flags.items())
+    procs.env["MQI_FAULT_ACTION"] = "kill-group"
+    for queue in QUEUES:
+        procs.start_worker(queue, "--pool", "prefork", "--concurrency", "2")
+    procs.start_beat()
+    ids = [f"kill{i:02d}" for i in range(10)]
+    for case_id in ids:
+        make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
+    t0 = time.monotonic()
+    cases = wait_all(ids, 600, procs)
+    assert not any(f.exists() for f in flags.values())  # every fault fired
+    assert_exactly_once(cluster, cases)
+    report("worker-sigkills", cases=10, completed=sum(c.status is CaseStatus.COMPLETED for c in cases),
+           seconds=round(time.monotonic() - t0))
+
+
+# ---------------------------------------------------------------- 4. host down
+class RefusingListener:
+    """Holds the sshd port while sshd is down: accepts and closes each connection (no SSH
+    banner), counting every attempt the pipeline makes."""
+
+    def __init__(self, port: int):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.attempts = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.attempts += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_path):
+    tb = cluster.tb
+    start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
+                                                 "{input_file}", "timeout_seconds": 300},
+                     breaker={"failures_to_open": 3, "cooldown_seconds": 20},
+                     reconciler={"interval_seconds": 5, "lease_seconds": 120})
+    ids = [f"down{i}" for i in range(4)]
+    for case_id in ids:
+        make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
+    store = runtime.store()
+    poll_until(lambda: any(j.remote_state == "RUNNING" for c in ids if (case := store.get_case(c))
+                           for j in case.jobs), 180, what="a job running")
+    for case_id in ("late0", "late1"):  # arrive during the outage: they must wait in QUEUED
+        make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
+    tb.stop_daemon("sshd")  # the daemon and every session with it
+    listener = RefusingListener(tb.ssh_port)
+    outage = time.monotonic()
+    try:
+        opened = poll_until(lambda: [e for e in store.events(ids[0], with_hosts=True)
+                                     if e["command"] == "host_unreachable"], 90, what="the breaker to open")
+        waiting = poll_until(lambda: [c for c in ids + ["late0", "late1"] if (case := store.get_case(c))
+                                      and case.wait_reason and "unreachable since" in case.wait_reason],
+                             60, what="cases to show why they wait")
+        assert not [c for c in ids if store.get_case(c).status is CaseStatus.FAILED]
+        shown = subprocess.run([str(Path(sys.executable).parent / "mqi"), "cases", "show", waiting[0]],
+                               capture_output=True, text=True, env={**cluster.procs.env}, cwd=tmp_path)
+        assert "unreachable since" in shown.stdout and "host_unreachable" in shown.stdout, shown.stdout
+        time.sleep(max(0.0, 120 - (time.monotonic() - outage)))  # the outage itself lasts 2 minutes
+    finally:
+        listener.close()
+        tb.start_daemon("sshd")
+    attempts = listener.attempts
+    cases = wait_all(ids + ["late0", "late1"], 600)
+    report("host-down", outage_s=120, attempts_during_outage=attempts, cases=len(cases),
+           completed=sum(c.status is CaseStatus.COMPLETED for c in cases), opened_at=opened[0]["timestamp"])
+    # 3 failures open the breaker; then one probe per 20 s cool-down (+ a few in flight).
+    assert attempts <= 3 + 120 // 20 + 6, attempts
+    assert_exactly_once(cluster, cases)
+    assert any(e["command"] == "host_reachable" for e in store.events(ids[0], with_hosts=True))
+
+
+# ---------------------------------------------------------------- 5. scheduler restart
+def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
+    tb = cluster.tb
+    start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
+                                                 "{input_file}", "timeout_seconds": 300},
+                     scheduler={"kind": "slurm", "poll_interval_seconds": 1.0,
+                                "slurm": {"gres": "gpu:1", "extra_sbatch_args": ["--no-requeue"]}})
+    store = runtime.store()
+    make_case(tmp_path / "inbox", "ctld", marker=True, rows_per_layer=2)
+    poll_until(lambda: any(j.remote_state == "RUNNING" for j in store.get_case("ctld").jobs)
+               if store.get_case("ctld") else None, 180, what="a job running")
+    tb.stop_daemon("slurmctld", graceful=True)
+    time.sleep(5)  # the outage: polls fail meanwhile (not a synchronisation)
+    tb.start_daemon("slurmctld")
+    assert wait_finished("ctld", 300).status is CaseStatus.COMPLETED
+    # A node failure under a running job: NODE_FAIL, resubmitted once, completes.
+    make_case(tmp_path / "inbox", "nodefail", marker=True, rows_per_layer=2)
+    job = poll_until(lambda: next((j for j in store.get_case("nodefail").jobs if j.remote_state == "RUNNING"), None)
+                     if store.get_case("nodefail") else None, 180, what="a job running")
+    assert tb.ssh("scontrol update nodename=localhost state=down reason=mqi-test").returncode == 0
+    poll_until(lambda: store.get_job("nodefail", job.beam).resubmits == 1, 120, what="the resubmission")
+    assert tb.ssh("scontrol update nodename=localhost state=resume").returncode == 0
+    case = wait_finished("nodefail", 300)
+    assert case.status is CaseStatus.COMPLETED, case.error
+    again = store.get_job("nodefail", job.beam)
+    assert again.resubmits == 1 and again.remote_id != job.remote_id
+    events = [e for e in store.events("nodefail") if e["command"] == "execution_resubmitted"]
+    assert [(e["payload"]["beam"], e["payload"]["state"]) for e in events] == [(job.beam, "NODE_FAIL")]
+    report("scheduler", slurmctld_restart="completed", node_fail_resubmits=1)
