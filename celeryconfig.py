@@ -12,8 +12,10 @@ from mqi_celery.tasks import QUEUES, ROUTES
 _settings = runtime.settings()
 
 broker_url = _settings.broker.url
-# Results are kept for Flower and debugging only: no chord, no task ever waits on one.
+# No task waits on another's result (no chords): results are not stored, so a database
+# outage cannot fail a task that did its work. The backend stays for tools that ask.
 result_backend = _settings.broker.result_backend
+task_ignore_result = True
 # The broker may restart at any time (a RabbitMQ upgrade): workers reconnect for ever.
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None

@@ -5,6 +5,7 @@ sshd and a real Slurm (tests/testbed). Each test prints its figures as one JSON 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -255,3 +256,119 @@ def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
     events = [e for e in store.events("nodefail") if e["command"] == "execution_resubmitted"]
     assert [(e["payload"]["beam"], e["payload"]["state"]) for e in events] == [(job.beam, "NODE_FAIL")]
     report("scheduler", slurmctld_restart="completed", node_fail_resubmits=1)
+
+
+# ---------------------------------------------------------------- 7. failure paths
+def _frozen(config) -> int:
+    from tests.conftest import installation_pids
+
+    [pid] = installation_pids(config, state="T")
+    return pid
+
+
+def test_a_transient_fault_is_retried_with_backoff_then_succeeds(cluster, tmp_path):
+    import os
+    import signal
+
+    tb, flag = cluster.tb, tmp_path / "stop-upload"
+    flag.touch()
+    procs = cluster.configure(retry={"max_retries": 5, "backoff_seconds": 1, "backoff_max_seconds": 8, "jitter": False},
+                              breaker={"failures_to_open": 100, "cooldown_seconds": 30})
+    procs.env.update(MQI_FAULT_INJECT=f"upload_sent:{flag}", MQI_FAULT_ACTION="stop")
+    cluster.start()
+    make_case(tmp_path / "inbox", "flaky", marker=True, rows_per_layer=2)
+    frozen = poll_until(lambda: not flag.exists() and _frozen(procs.env["MQI_CONFIG"]), 120,
+                        what="the upload to reach the fault point")
+    tb.stop_daemon("sshd")  # the connection drops under the upload
+    os.kill(frozen, signal.SIGCONT)
+    log = tmp_path / "log" / "mqi.jsonl"
+    poll_until(lambda: log.read_text().count("mqi.upload_case: transient fault, retry") >= 2, 60,
+               what="two retries of the upload")
+    tb.start_daemon("sshd")
+    case = wait_finished("flaky", 120)
+    assert case.status is CaseStatus.COMPLETED, case.error
+    delays = [float(m) for m in re.findall(r"mqi\.upload_case: transient fault, retry \d/5 in ([\d.]+)s",
+                                           log.read_text())]
+    assert len(delays) >= 2 and delays == [1.0, 2.0, 4.0, 8.0][:len(delays)], delays
+    report("transient-retry", retries=len(delays), delays=delays, completed=True)
+
+
+def test_cancel_during_submit_kills_the_job_it_started(cluster, tmp_path):
+    import os
+    import signal
+
+    from mqi_celery.conductor import cancel_case
+
+    flag = tmp_path / "stop-submit"
+    flag.touch()
+    procs = cluster.configure(engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --fail hang "
+                                                 "{input_file}", "timeout_seconds": 300})
+    procs.env.update(MQI_FAULT_INJECT=f"after_submit:{flag}", MQI_FAULT_ACTION="stop")
+    cluster.start()
+    make_case(tmp_path / "inbox", "cancelsub", marker=True, rows_per_layer=2)
+    frozen = poll_until(lambda: not flag.exists() and _frozen(procs.env["MQI_CONFIG"]), 120,
+                        what="a submit frozen right after its sbatch")
+    assert cancel_case("cancelsub")  # while the submit's job id is not yet recorded
+    os.kill(frozen, signal.SIGCONT)
+    store, tb = runtime.store(), cluster.tb
+
+    def every_job_cancelled():
+        out = tb.ssh("squeue -h -t all -o '%j %T' -n mqi-cancelsub-2,mqi-cancelsub-3,mqi-cancelsub-4").stdout
+        states = [line.split()[1] for line in out.splitlines()]
+        return states if states and all(s == "CANCELLED" for s in states) else None
+    states = poll_until(every_job_cancelled, 60, what="every job of the cancelled case to be cancelled")
+    case = store.get_case("cancelsub")
+    assert case.status is CaseStatus.FAILED and case.error == "cancelled"
+    report("cancel-during-submit", slurm_states=states)
+
+
+# ---------------------------------------------------------------- 3. service restarts
+@pytest.fixture
+def private_cluster(tmp_path, config_file, slurm_testbed):
+    """The testbed with a private RabbitMQ node and PostgreSQL cluster this test may restart."""
+    from tests.pipeline_cluster import Cluster
+    from tests.private_services import PrivatePostgres, PrivateRabbitMQ
+
+    rabbit, pg, c = PrivateRabbitMQ(), PrivatePostgres(), None
+    try:
+        rabbit.start()
+        pg.start()
+        c = Cluster(tmp_path, config_file, slurm_testbed, rabbit.url, pg.url)
+        c.rabbit, c.pg = rabbit, pg
+        yield c
+    finally:
+        if getattr(c, "procs", None):
+            c.procs.stop()
+        slurm_testbed.ssh("scancel --user=root")
+        rabbit.close()
+        pg.close()
+
+
+def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
+    c = private_cluster
+    start_production(c, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 0.5 "
+                                           "{input_file}", "timeout_seconds": 300},
+                     reconciler={"interval_seconds": 5, "lease_seconds": 30})
+    ids = [f"svc{i:02d}" for i in range(10)]
+    for case_id in ids:
+        make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
+    store = runtime.store()
+    poll_until(lambda: sum(bool(case and case.status is CaseStatus.PROCESSING) for case in map(store.get_case, ids))
+               >= 3, 180, what="cases in flight")
+    t0 = time.monotonic()
+    c.rabbit.stop()
+    time.sleep(15)  # the outage (scenario length, not synchronisation)
+    c.rabbit.start()
+    def progress() -> int:
+        return sum(len(store.events(case_id)) for case_id in ids)
+    seen = progress()
+    poll_until(lambda: progress() > seen, 300, what="work to go on after the broker restart")
+    c.pg.stop()
+    time.sleep(15)
+    c.pg.start()
+    runtime.reset()  # this test process's own pool
+    cases = wait_all(ids, 600, c.procs)
+    report("service-restarts", cases=10, completed=sum(x.status is CaseStatus.COMPLETED for x in cases),
+           reconciled=sum("case_reconciled" in [e["command"] for e in store.events(x.case_id)] for x in cases),
+           seconds=round(time.monotonic() - t0))
+    assert_exactly_once(c, cases)
