@@ -7,14 +7,15 @@
 It is consulted only when a process opens a new SSH connection (rare: connections are
 pooled), so it costs nothing while the host is fine. While it is open no process touches
 the host: cases park with the reason instead of burning their retry budget, and the
-reconciler resumes them once the breaker closes.
+reconciler resumes them once the breaker closes. (It imports only the database layer:
+it sits under the SSH connection pool.)
 """
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
 
-from . import db, messages
+from . import db
 from .errors import ConnectionError_
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class Breaker:
             row = db.HostRow(name=self.host, state="closed", failures=0, updated_at=db.utcnow())
             s.add(row)
         return row
+
+    def _event(self, command: str, payload: dict) -> None:
+        """A host event in the events table (shown by `mqi cases show` of the cases it
+        touched); the reconciler resumes parked cases at its next run."""
+        self.store.add_event(command, payload, case_id=None, correlation_id=None)
 
     def state(self) -> tuple[str, datetime | None, str | None]:
         with self.store.session() as s:
@@ -71,8 +77,7 @@ class Breaker:
             row.last_error, row.updated_at = None, db.utcnow()
         if was != "closed":
             log.warning("host %s reachable again; its breaker closed", self.host)
-            messages.emit("host_reachable", {"host": self.host, "down_since": since.isoformat() + "Z"})
-            _wake_reconciler()
+            self._event("host_reachable", {"host": self.host, "down_since": since.isoformat() + "Z"})
 
     def failed(self, error: str) -> None:
         now = db.utcnow()
@@ -89,16 +94,8 @@ class Breaker:
             reason = str(HostUnavailable(self.host, since, error))
             log.error("breaker of %s opened after %d connection failures: %s", self.host,
                       self.failures_to_open, error)
-            messages.emit("host_unreachable", {"host": self.host, "since": since.isoformat() + "Z",
-                                                "failures": self.failures_to_open, "error": error[:500]})
+            self._event("host_unreachable", {"host": self.host, "since": since.isoformat() + "Z",
+                                             "failures": self.failures_to_open, "error": error[:500]})
             self.store.park_active(reason)
 
 
-def _wake_reconciler() -> None:
-    """Resume parked cases now rather than at the next beat; best effort."""
-    try:
-        from .celery_app import app
-
-        app.send_task("mqi.reconcile")
-    except Exception as exc:  # noqa: BLE001 - the beat entry comes by anyway
-        log.info("could not wake the reconciler (%s); it runs on its schedule", exc)

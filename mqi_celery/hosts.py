@@ -14,13 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from .errors import ConfigError, ExecutionError, TransferError
+from .errors import ExecutionError, TransferError
 from .naming import safe_relpath
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 
 @dataclass(frozen=True)
@@ -132,13 +129,3 @@ class LocalHost:
 
     def rename(self, src: PurePosixPath, dst: PurePosixPath) -> None:
         os.replace(self._local(src), self._local(dst))
-
-
-def make_host(settings: Settings, guard=None) -> Host:
-    if settings.transport.kind == "local":
-        return LocalHost(settings.transport.remote_root)
-    if settings.transport.kind == "ssh":
-        from .ssh_host import SSHHost  # paramiko only where SSH is used
-
-        return SSHHost(settings.transport.ssh, PurePosixPath(settings.transport.remote_root), guard)
-    raise ConfigError(f"transport.kind {settings.transport.kind!r} is not supported")

@@ -29,8 +29,6 @@ COMPONENT = {
     "case_reconciled": "reconciler",
     "case_resumed": "reconciler",
     "execution_resubmitted": "executor",
-    "host_unreachable": "breaker",
-    "host_reachable": "breaker",
     "system_status_update": "curator",
 }
 

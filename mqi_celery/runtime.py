@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import PurePosixPath
 
 from .config import Settings, load_settings
 
@@ -25,9 +26,16 @@ def store():
 
 @cache
 def host():
-    from .hosts import make_host
+    """The machine that runs the engine: a local folder, or a cluster over SSH guarded by
+    its circuit breaker."""
+    s = settings()
+    if s.transport.kind == "ssh":
+        from .ssh_host import SSHHost  # paramiko only where SSH is used
 
-    return make_host(settings(), guard=breaker())
+        return SSHHost(s.transport.ssh, PurePosixPath(s.transport.remote_root), guard=breaker())
+    from .hosts import LocalHost
+
+    return LocalHost(s.transport.remote_root)
 
 
 @cache
@@ -44,9 +52,14 @@ def breaker():
 
 @cache
 def scheduler():
-    from .schedulers import make_scheduler
+    s = settings()
+    if s.scheduler.kind == "slurm":
+        from .slurm import SlurmScheduler
 
-    return make_scheduler(settings(), host())
+        return SlurmScheduler(host(), s.scheduler.slurm, job_dir_root=host().root)
+    from .schedulers import DirectScheduler
+
+    return DirectScheduler(host())
 
 
 def reset(*, keep_settings: bool = True) -> None:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .errors import ConfigError, ExecutionError
+from .errors import ExecutionError
 
 if TYPE_CHECKING:
-    from .config import Settings
     from .hosts import Host
 
 
@@ -138,13 +137,3 @@ def parse_direct_poll(text: str) -> dict[str, RemoteState]:
         else:
             states[folder] = RemoteState(word, False)
     return states
-
-
-def make_scheduler(settings: Settings, host: Host) -> Scheduler:
-    if settings.scheduler.kind == "direct":
-        return DirectScheduler(host)
-    if settings.scheduler.kind == "slurm":
-        from .slurm import SlurmScheduler  # here: slurm imports this module
-
-        return SlurmScheduler(host, settings.scheduler.slurm, job_dir_root=host.root)
-    raise ConfigError(f"scheduler.kind {settings.scheduler.kind!r} is not supported")

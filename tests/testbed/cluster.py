@@ -220,10 +220,13 @@ class Testbed:
         """Kill one daemon and everything in its process group (for sshd: every open SSH
         session with it), as a crash would; ``graceful``: SIGTERM, as a service restart."""
         proc = self._procs.pop(name)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sig = signal.SIGTERM if graceful else signal.SIGKILL
+        # sshd's per-connection children call setsid(): find them as descendants.
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         proc.wait(self.stop_timeout)
 
     def start_daemon(self, name: str) -> None:
@@ -296,6 +299,22 @@ class Testbed:
                 tail = f.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {f.name}\n" + "\n".join(tail))
         return "\n".join(out)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = int(next(line for line in status.read_text().splitlines() if line.startswith("PPid:")).split()[1])
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+        children.setdefault(ppid, []).append(int(status.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
