@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 
 from . import engine, messages, runtime
-from .breaker import HostUnavailable
 from .celery_app import app
 from .conductor import collect_finished
 from .db import utcnow
-from .errors import MQIError
+from .errors import ConnectionError_, MQIError
 from .models import JobStatus
 from .naming import remote_job_dir, remote_output_dir
 from .remote_executor import finish, overdue, submit
@@ -54,7 +53,7 @@ def _poll(store, host, scheduler, watching: dict) -> dict:
     settings = runtime.settings()
     try:
         states = scheduler.poll({rid: remote_job_dir(host.root, j.case_id, j.beam) for rid, j in watching.items()})
-    except HostUnavailable as exc:
+    except ConnectionError_ as exc:  # the host, not its scheduler: the breaker counts these
         log.info("not polling %d job(s): %s", len(watching), exc)
         return {}
     except MQIError as exc:
@@ -98,8 +97,8 @@ def _judge(job) -> None:
             return
         log_tail = host.read_tail(job_dir / "job.log")
         outputs = host.list_files(remote_output_dir(host.root, case_id, beam))
-    except HostUnavailable:
-        return  # the host is down: nothing counts against the job
+    except ConnectionError_:
+        return  # the host is unreachable (the breaker counts that): nothing counts against the job
     except MQIError as exc:
         if not exc.transient or job.judge_attempts + 1 >= settings.scheduler.max_judge_attempts:
             finish(case_id, beam, f"the finished job's log and outputs could not be read "

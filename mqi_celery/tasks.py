@@ -6,11 +6,11 @@ the configured budget; permanent faults: fail at once), so no task invents its o
 from __future__ import annotations
 
 import logging
+import random
 from functools import lru_cache
 
 from celery import Task, signals
 from celery.exceptions import Retry
-from celery.utils.time import get_exponential_backoff_interval
 
 from . import logs, runtime
 from .errors import ConnectionError_, MQIError, is_transient
@@ -61,7 +61,7 @@ class PipelineTask(Task):
         except Retry:
             raise
         except Exception as exc:
-            if case_id and _host_down(exc):
+            if case_id and host_down(exc):
                 runtime.store().park(case_id, dispatch, str(exc))
                 log.warning("%s: case %s waits: %s", self.name, case_id, exc)
                 return "parked: host unreachable"
@@ -69,8 +69,7 @@ class PipelineTask(Task):
                 raise
             policy = runtime.settings().retry
             if self.request.retries < policy.max_retries:
-                delay = get_exponential_backoff_interval(policy.backoff_seconds, self.request.retries,
-                                                         policy.backoff_max_seconds, policy.jitter)
+                delay = backoff(self.request.retries, policy)
                 log.warning("%s: transient fault, retry %d/%d in %ss: %s", self.name,
                             self.request.retries + 1, policy.max_retries, delay, exc)
                 if dispatch is not None:
@@ -97,7 +96,15 @@ class PipelineTask(Task):
             log.error("could not hand case %s to stop_case (%s); the reconciler will", case_id, send_exc)
 
 
-def _host_down(exc: BaseException) -> bool:
+def backoff(retries: int, policy) -> float:
+    """Exponential, capped, with full jitter when asked (seconds may be fractional; Celery's
+    own helper takes whole seconds only)."""
+    delay = min(policy.backoff_max_seconds, policy.backoff_seconds * 2 ** retries)
+    return round(random.uniform(0, delay) if policy.jitter else delay, 3)
+
+
+def host_down(exc: BaseException) -> bool:
+    """The fault is the host's being unreachable (its breaker is not closed)."""
     from .breaker import HostUnavailable
 
     if isinstance(exc, HostUnavailable):
