@@ -248,7 +248,9 @@ def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
                      if store.get_case("nodefail") else None, 180, what="a job running")
     assert tb.ssh("scontrol update nodename=localhost state=down reason=mqi-test").returncode == 0
     poll_until(lambda: store.get_job("nodefail", job.beam).resubmits == 1, 120, what="the resubmission")
-    assert tb.ssh("scontrol update nodename=localhost state=resume").returncode == 0
+    # Back in service: by itself (ReturnToService=2 once slurmd re-registers) or on resume.
+    tb.ssh("scontrol update nodename=localhost state=resume")
+    poll_until(lambda: "down" not in tb.ssh("sinfo -h -N -o %T").stdout, 60, what="the node back in service")
     case = wait_finished("nodefail", 300)
     assert case.status is CaseStatus.COMPLETED, case.error
     again = store.get_job("nodefail", job.beam)

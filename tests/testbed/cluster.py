@@ -17,6 +17,7 @@ import socket
 import stat
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 from . import configs
@@ -63,8 +64,11 @@ class Testbed:
     start_timeout = 30.0
     stop_timeout = 15.0
 
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, *, accounting: bool = False):
         self.base = Path(base_dir).resolve()
+        self.accounting = accounting  # slurmdbd on the machine's MariaDB: real sacct
+        self.dbd_port = 0
+        self.dbd_database = f"slurm_acct_{uuid.uuid4().hex[:8]}"
         self.slurm_conf = self.base / "etc" / "slurm.conf"
         self.client_key = self.base / "ssh" / "id_ed25519"
         self.known_hosts = self.base / "ssh" / "known_hosts"
@@ -96,7 +100,7 @@ class Testbed:
         for attempt in range(1, attempts + 1):
             # ports are only reserved until we close them; another session may grab one
             # before our daemon binds it, so a failed start is retried on fresh ports
-            self.ssh_port, self.ctld_port, self.slurmd_port = free_ports(3)
+            self.ssh_port, self.ctld_port, self.slurmd_port, self.dbd_port = free_ports(4)
             try:
                 self._write_files()
                 self._start_daemons()
@@ -118,6 +122,9 @@ class Testbed:
                            ready=lambda: not self._slurm("squeue", "-h", "-o", "%i").stdout.strip())
         finally:
             self._stop_daemons()
+            if self.accounting:
+                subprocess.run(["mysql", "-h", "127.0.0.1", "-u", "root", "-e",
+                                f"DROP DATABASE IF EXISTS {self.dbd_database}"], capture_output=True)
 
     # ---------------------------------------------------------------- helpers for tests
     def ssh(self, cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -169,7 +176,11 @@ class Testbed:
         mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 - 512
         self.slurm_conf.write_text(configs.slurm_conf(
             b, self.ctld_port, self.slurmd_port, len(os.sched_getaffinity(0)), mem_mb,
-            self.ngpu, self.min_job_age))
+            self.ngpu, self.min_job_age, self.dbd_port if self.accounting else None))
+        if self.accounting:
+            dbd_conf = b / "etc" / "slurmdbd.conf"
+            dbd_conf.write_text(configs.slurmdbd_conf(b, self.dbd_port, self.dbd_database))
+            dbd_conf.chmod(0o600)  # slurmdbd refuses a readable one
 
         self._write_ssh_files()
         self.command_log.touch()
@@ -204,6 +215,9 @@ class Testbed:
                     f"--seed-file={b}/munge/munged.seed")
         self._poll("munged socket", 10, ready=sock.exists)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        if self.accounting:
+            self._spawn("slurmdbd", "slurmdbd", "-D")  # reads slurmdbd.conf beside SLURM_CONF
+            self._poll("slurmdbd port", self.start_timeout, ready=lambda: _listening(self.dbd_port))
         self._spawn("slurmctld", "slurmctld", "-D", "-f", str(self.slurm_conf))
         self._spawn("slurmd", "slurmd", "-D", "-N", "localhost", "-f", str(self.slurm_conf))
         self._spawn("sshd", SSHD, "-D", "-f", str(b / "ssh" / "sshd_config"),
@@ -275,7 +289,7 @@ class Testbed:
 
     def _stop_daemons(self) -> None:
         # sshd and slurm daemons first, munged last (the others talk to it while exiting)
-        for group in (("sshd", "slurmd", "slurmctld"), ("munged",)):
+        for group in (("sshd", "slurmd", "slurmctld"), ("slurmdbd",), ("munged",)):
             procs = [self._procs.pop(n) for n in group if n in self._procs]
             for p in procs:
                 if p.poll() is None:
@@ -299,6 +313,14 @@ class Testbed:
                 tail = f.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {f.name}\n" + "\n".join(tail))
         return "\n".join(out)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _descendants(root: int) -> list[int]:

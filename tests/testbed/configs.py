@@ -14,9 +14,16 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def slurm_conf(base: Path, ctld_port: int, slurmd_port: int, cpus: int, mem_mb: int,
-               ngpu: int, min_job_age: int) -> str:
+               ngpu: int, min_job_age: int, dbd_port: int | None = None) -> str:
     gres = "GresTypes=gpu\n" if ngpu else ""
     node_gres = f" Gres=gpu:{ngpu}" if ngpu else ""
+    if dbd_port:  # real accounting: sacct answers from slurmdbd (MariaDB)
+        accounting = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=localhost\n"
+                      f"AccountingStoragePort={dbd_port}\n")
+    else:
+        # No slurmdbd: plain sacct only says "accounting storage is disabled";
+        # 'sacct -c' reads this job-completion file (but drops the signal of ExitCode).
+        accounting = "AccountingStorageType=accounting_storage/none\n"
     return f"""\
 ClusterName=testbed
 SlurmctldHost=localhost
@@ -38,10 +45,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobAcctGatherType=jobacct_gather/none
-# No slurmdbd: plain sacct only says "accounting storage is disabled";
-# 'sacct -c' reads this job-completion file (but drops the signal of ExitCode).
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
+{accounting}JobCompType=jobcomp/filetxt
 JobCompLoc={base}/log/jobcomp.log
 # finished jobs stay visible to 'scontrol show job' (our source of final state/exit code)
 MinJobAge={min_job_age}
@@ -52,8 +56,30 @@ MailProg=/bin/true
 SchedulerParameters=batch_sched_delay=0
 # default 10 s makes client commands hang ~9 s while slurmctld is down
 MessageTimeout=2
+# Jobs of partition "urgent" preempt (cancel) jobs of "debug": PREEMPTED for real.
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 {gres}NodeName=localhost CPUs={cpus} RealMemory={mem_mb}{node_gres} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+"""
+
+
+def slurmdbd_conf(base: Path, dbd_port: int, database: str) -> str:
+    # MariaDB of the machine (127.0.0.1:3306, root without password); a database per testbed.
+    return f"""\
+AuthType=auth/munge
+AuthInfo=socket={base}/munge/munge.sock
+DbdHost=localhost
+DbdPort={dbd_port}
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=3306
+StorageUser=root
+StorageLoc={database}
+PidFile={base}/pids/slurmdbd.pidfile
+LogFile={base}/log/slurmdbd.log
 """
 
 

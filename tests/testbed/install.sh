@@ -3,7 +3,7 @@
 # Idempotent: does nothing when everything is already installed. Needs root.
 set -euo pipefail
 
-PKGS=(slurmctld slurmd slurm-client munge openssh-server openssh-client iproute2 procps)
+PKGS=(slurmctld slurmd slurmdbd slurm-client munge openssh-server openssh-client iproute2 procps)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -21,6 +21,6 @@ fi
 echo "[testbed] installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# --no-install-recommends: no slurmdbd / mail server; the testbed runs without them.
+# --no-install-recommends: no mail server. slurmdbd stores accounting in the machine's MariaDB.
 # Package postinst scripts may try to start services; without systemd that is a no-op.
 apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,78 @@
+"""Reconciler and circuit breaker on a real database (SQLite) and the folder broker."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from mqi_celery import db, runtime
+from mqi_celery.breaker import Breaker, HostUnavailable
+from mqi_celery.models import CaseStatus
+from mqi_celery.reconciler import reconcile_once
+from mqi_celery.store import NewJob
+
+
+def _case_with_lost_work(store, case_id="lost", reconciles=0, stage="upload"):
+    store.register_case(case_id, f"/inbox/{case_id}")
+    store.add_jobs(case_id, [NewJob(2, "b2", "d2")])
+    store.update_case(case_id, status=CaseStatus.QUEUED, stage=stage, reconciles=reconciles)
+    store.start_dispatch(case_id, -1)  # its lease ran out: nothing of it is alive
+
+
+def test_an_expired_lease_is_dispatched_again_with_an_event(config_file):
+    store = runtime.store()
+    _case_with_lost_work(store)
+    summary = reconcile_once()
+    assert summary["reconciled"] == 1
+    case = store.get_case("lost")
+    assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
+    [event] = [e for e in store.events("lost") if e["command"] == "case_reconciled"]
+    assert event["payload"]["stage"] == "upload" and "dispatched again" in event["payload"]["reason"]
+    queued = list((runtime.settings().broker.folder / "queue").glob("*.transfer.msg"))
+    assert len(queued) == 1  # the upload, sent again
+    assert reconcile_once()["reconciled"] == 0  # a live lease is left alone
+    # Expired again while its upload still waits in the transfer queue (no worker here):
+    # it may simply be in line behind others, so the lease is extended, nothing counted.
+    store.update_case("lost", lease_until=db.utcnow() - timedelta(seconds=1))
+    assert reconcile_once()["postponed"] == 1
+    case = store.get_case("lost")
+    assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
+
+
+def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(config_file):
+    store = runtime.store()
+    _case_with_lost_work(store, reconciles=runtime.settings().reconciler.max_reconciles, stage="submit")
+    assert reconcile_once()["failed"] == 1
+    case = store.get_case("lost")
+    assert case.status is CaseStatus.FAILED and "no progress in stage 'submit'" in case.error
+    assert "mqi cases retry" in case.error
+
+
+def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(config_file):
+    store = runtime.store()
+    breaker = Breaker(store, "cluster", failures_to_open=3, cooldown_seconds=30)
+    _case_with_lost_work(store, "waiting")
+    for _ in range(2):
+        breaker.before_connect()
+        breaker.failed("connection refused")
+    assert breaker.state()[0] == "closed"
+    breaker.failed("connection refused")
+    state, since, error = breaker.state()
+    assert state == "open" and error == "connection refused"
+    assert "host cluster unreachable since" in store.get_case("waiting").wait_reason
+    with pytest.raises(HostUnavailable, match="host cluster unreachable since"):
+        breaker.before_connect()
+    with store.session() as s:  # the cool-down is over
+        s.get(db.HostRow, "cluster").probe_at = db.utcnow() - timedelta(seconds=1)
+    breaker.before_connect()  # this caller is the probe ...
+    with pytest.raises(HostUnavailable):
+        breaker.before_connect()  # ... and the only one
+    breaker.succeeded()
+    assert breaker.state()[0] == "closed"
+    commands = [e["command"] for e in store.events("waiting", with_hosts=True)]
+    assert commands[-2:] == ["host_unreachable", "host_reachable"]
+    # Parked cases resume without counting a reconciliation.
+    assert reconcile_once()["resumed"] == 1
+    case = store.get_case("waiting")
+    assert case.wait_reason is None and case.reconciles == 0
+    assert "case_resumed" in [e["command"] for e in store.events("waiting")]
