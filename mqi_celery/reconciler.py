@@ -13,6 +13,7 @@ Its cost follows what is active: the queries select expired leases and parked ca
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from . import logs, messages, runtime
 from .celery_app import app
@@ -53,8 +54,9 @@ def reconcile_once(limit: int = 200) -> dict:
             messages.emit("case_reconciled", {"stage": case.stage, "status": case.status.value,
                                               "dispatch": case.dispatch, "reason": reason}, case_id=case_id)
             log.warning("case %s reconciled: %s", case_id, reason)
-            if case.status is CaseStatus.NEW:
-                store.update_case(case_id, reconciles=case.reconciles + 1, lease_until=None)
+            if case.status is CaseStatus.NEW:  # a new lease first: if validation dies too, we come back
+                store.update_case(case_id, reconciles=case.reconciles + 1,
+                                  lease_until=utcnow() + timedelta(seconds=settings.reconciler.lease_seconds))
                 admit(case_id)
             else:
                 dispatch(case_id, reconcile=True)
@@ -63,10 +65,11 @@ def reconcile_once(limit: int = 200) -> dict:
 
 
 def _why(case) -> str:
-    since = f"{case.lease_until:%H:%M:%S} UTC" if case.lease_until else "start-up"
+    expired = f"its lease ran out at {case.lease_until:%H:%M:%S} UTC" if case.lease_until else "at start-up"
     if case.status is CaseStatus.NEW:
-        return f"registered but never validated (no task alive since {since})"
-    return f"no task of dispatch {case.dispatch} alive in stage '{case.stage}' since {since}; dispatched again"
+        return f"registered but never validated ({expired}); validating again"
+    return (f"no sign of life from dispatch {case.dispatch} in stage '{case.stage}' ({expired}, or the "
+            f"installation restarted); dispatched again")
 
 
 def _resume_parked() -> int:

@@ -104,6 +104,7 @@ def _run_batch(cluster, prefix: str, n: int) -> tuple[list, Counter, float]:
     return cases, received, elapsed
 
 
+@pytest.mark.timeout(1200)
 def test_messages_per_beam_do_not_grow_with_the_work_in_flight(cluster):
     start_production(cluster, scheduler={"kind": "slurm", "poll_interval_seconds": 2.0, "slurm": {"gres": "gpu:1"}},
                      scanner={"interval_seconds": 2.0, "settle_seconds": 3})
@@ -136,6 +137,7 @@ def test_messages_per_beam_do_not_grow_with_the_work_in_flight(cluster):
 
 
 # ---------------------------------------------------------------- 2. worker SIGKILLs
+@pytest.mark.timeout(900)
 def test_sigkilled_workers_lose_and_duplicate_nothing(cluster, tmp_path):
     procs = cluster.configure()
     flags = {point: tmp_path / f"fault-{point}" for point in ("upload_sent", "after_submit", "before_finalize")}
@@ -186,6 +188,7 @@ class RefusingListener:
         self.thread.join(5)
 
 
+@pytest.mark.timeout(900)
 def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_path):
     tb = cluster.tb
     start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
@@ -228,6 +231,7 @@ def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_pat
 
 
 # ---------------------------------------------------------------- 5. scheduler restart
+@pytest.mark.timeout(900)
 def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
     tb = cluster.tb
     start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
@@ -255,9 +259,12 @@ def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
     assert case.status is CaseStatus.COMPLETED, case.error
     again = store.get_job("nodefail", job.beam)
     assert again.resubmits == 1 and again.remote_id != job.remote_id
-    events = [e for e in store.events("nodefail") if e["command"] == "execution_resubmitted"]
-    assert [(e["payload"]["beam"], e["payload"]["state"]) for e in events] == [(job.beam, "NODE_FAIL")]
-    report("scheduler", slurmctld_restart="completed", node_fail_resubmits=1)
+    # Every beam running on the node (two GPUs: up to two) failed with it, each resubmitted once.
+    events = [(e["payload"]["beam"], e["payload"]["state"]) for e in store.events("nodefail")
+              if e["command"] == "execution_resubmitted"]
+    assert (job.beam, "NODE_FAIL") in events and {s for _, s in events} == {"NODE_FAIL"}, events
+    assert len(events) == len({b for b, _ in events}) == sum(j.resubmits for j in case.jobs)
+    report("scheduler", slurmctld_restart="completed", node_fail_resubmitted=events)
 
 
 # ---------------------------------------------------------------- 7. failure paths
@@ -346,6 +353,7 @@ def private_cluster(tmp_path, config_file, slurm_testbed):
         pg.close()
 
 
+@pytest.mark.timeout(900)
 def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     c = private_cluster
     start_production(c, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 0.5 "
@@ -374,3 +382,24 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
            reconciled=sum("case_reconciled" in [e["command"] for e in store.events(x.case_id)] for x in cases),
            seconds=round(time.monotonic() - t0))
     assert_exactly_once(c, cases)
+
+
+def test_a_preempted_job_is_resubmitted_and_completes(cluster, tmp_path):
+    tb = cluster.tb
+    start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
+                                                 "{input_file}", "timeout_seconds": 300},
+                     scheduler={"kind": "slurm", "poll_interval_seconds": 1.0, "slurm": {"gres": "gpu:1"}})
+    store = runtime.store()
+    make_case(tmp_path / "inbox", "preempt", marker=True, rows_per_layer=2)
+    job = poll_until(lambda: next((j for j in store.get_case("preempt").jobs if j.remote_state == "RUNNING"), None)
+                     if store.get_case("preempt") else None, 180, what="a job running")
+    # A job of the higher-tier partition needs both GPUs: Slurm cancels ours (PREEMPTED).
+    urgent = tb.ssh(f"cd {cluster.remote_root} && sbatch --parsable -p urgent --gres=gpu:2 --wrap 'sleep 3'")
+    assert urgent.returncode == 0, urgent.stderr
+    case = wait_finished("preempt", 300)
+    assert case.status is CaseStatus.COMPLETED, case.error
+    again = store.get_job("preempt", job.beam)
+    assert again.resubmits == 1 and again.remote_id != job.remote_id
+    states = [e["payload"]["state"] for e in store.events("preempt") if e["command"] == "execution_resubmitted"]
+    assert "PREEMPTED" in states, states
+    report("preempted", resubmitted=states)

@@ -222,8 +222,9 @@ class Testbed:
         self._spawn("slurmd", "slurmd", "-D", "-N", "localhost", "-f", str(self.slurm_conf))
         self._spawn("sshd", SSHD, "-D", "-f", str(b / "ssh" / "sshd_config"),
                     "-E", str(self.sshd_log))
-        self._poll("node idle", self.start_timeout, ready=lambda: self._slurm(
-            "sinfo", "-h", "-N", "-o", "%T").stdout.strip() == "idle")
+        # one line per partition the node is in
+        self._poll("node idle", self.start_timeout, ready=lambda: set(self._slurm(
+            "sinfo", "-h", "-N", "-o", "%T").stdout.split()) == {"idle"})
         # slurmctld parses SchedulerParameters only in its first scheduling cycle, ~3 s
         # after start; until then the default batch_sched_delay=3 applies and the first
         # job waits ~3 s. Waiting here keeps every test's job latency at ~1 s.

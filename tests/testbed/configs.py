@@ -18,8 +18,9 @@ def slurm_conf(base: Path, ctld_port: int, slurmd_port: int, cpus: int, mem_mb: 
     gres = "GresTypes=gpu\n" if ngpu else ""
     node_gres = f" Gres=gpu:{ngpu}" if ngpu else ""
     if dbd_port:  # real accounting: sacct answers from slurmdbd (MariaDB)
+        # AccountingStoragePass names the munge socket slurmctld uses to reach slurmdbd.
         accounting = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=localhost\n"
-                      f"AccountingStoragePort={dbd_port}\n")
+                      f"AccountingStoragePort={dbd_port}\nAccountingStoragePass={base}/munge/munge.sock\n")
     else:
         # No slurmdbd: plain sacct only says "accounting storage is disabled";
         # 'sacct -c' reads this job-completion file (but drops the signal of ExitCode).
