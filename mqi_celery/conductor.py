@@ -40,13 +40,18 @@ log = logging.getLogger(__name__)
 
 
 def workflow(case: Case):
-    """The canvas that carries a case on from the stage it is in (None: the poller has it)."""
+    """The canvas that carries a case on from the stage it is in:
+
+        upload ─► submit (one task per beam) ─► run (no task: the poller watches) ─► collect
+    """
     cid, n = case.case_id, case.dispatch
-    submit = [submit_beam.si(cid, j.beam, dispatch=n) for j in case.jobs if j.status is JobStatus.PENDING]
+    upload = upload_case.si(cid, dispatch=n)
+    pending = [submit_beam.si(cid, j.beam, dispatch=n) for j in case.jobs if j.status is JobStatus.PENDING]
+    submit = group(pending) if pending else None
     collect = chain(download_results.si(cid, dispatch=n), verify_results.si(cid, dispatch=n),
                     finalize_case.si(cid, dispatch=n))
-    return {"upload": chain(upload_case.si(cid, dispatch=n), group(submit)) if submit else upload_case.si(cid, dispatch=n),
-            "submit": group(submit) if submit else None,
+    return {"upload": chain(upload, submit) if submit else upload,
+            "submit": submit,
             "run": None,
             "collect": collect}[case.stage]
 

@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from mqi_celery import db, runtime
 from mqi_celery.breaker import Breaker, HostUnavailable
+from mqi_celery.celery_app import app
 from mqi_celery.models import CaseStatus
 from mqi_celery.reconciler import reconcile_once
 from mqi_celery.store import NewJob
+
+
+@pytest.fixture(autouse=True)
+def empty_broker(config_file):
+    """No message of an earlier test in this process's broker folder (celeryconfig, hence
+    the folder, is read once per process): queue depths here are this test's own."""
+    for message in Path(app.conf.broker_transport_options["data_folder_out"]).glob("*.msg"):
+        message.unlink()
 
 
 def _case_with_lost_work(store, case_id="lost", reconciles=0, stage="upload"):
@@ -19,7 +29,7 @@ def _case_with_lost_work(store, case_id="lost", reconciles=0, stage="upload"):
     store.start_dispatch(case_id, -1)  # its lease ran out: nothing of it is alive
 
 
-def test_an_expired_lease_is_dispatched_again_with_an_event(config_file):
+def test_an_expired_lease_is_dispatched_again_with_an_event(config_file, empty_broker):
     store = runtime.store()
     _case_with_lost_work(store)
     summary = reconcile_once()
@@ -28,7 +38,9 @@ def test_an_expired_lease_is_dispatched_again_with_an_event(config_file):
     assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
     [event] = [e for e in store.events("lost") if e["command"] == "case_reconciled"]
     assert event["payload"]["stage"] == "upload" and "dispatched again" in event["payload"]["reason"]
-    queued = list((runtime.settings().broker.folder / "queue").glob("*.transfer.msg"))
+    # Where this process's app publishes (celeryconfig is read once per process).
+    folder = Path(app.conf.broker_transport_options["data_folder_out"])
+    queued = [m for m in folder.glob("*.transfer.msg") if "lost" in m.read_text()]
     assert len(queued) == 1  # the upload, sent again
     assert reconcile_once()["reconciled"] == 0  # a live lease is left alone
     # Expired again while its upload still waits in the transfer queue (no worker here):
