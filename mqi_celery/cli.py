@@ -199,16 +199,16 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
                Supervised(control_worker_command(settings), settings.paths.logs / "control.log", env)]
     # SIGTERM (systemd, `kill`) stops as cleanly as Ctrl-C: the workers must not outlive us.
     signal.signal(signal.SIGTERM, _interrupt)
-    for worker in workers:
-        worker.start()
-    _send_reconcile()
-    console.print(f"[bold]mqi-celery is running[/bold] ({settings.source}).\n"
-                  f"  Drop a case folder into   {settings.paths.inbox}/\n"
-                  f"  then create the file      _CASE_READY in it (or wait {settings.scanner.settle_seconds:g} s).\n"
-                  f"  Results appear in         {settings.paths.results}/<case_id>/\n"
-                  f"  Inspect from another terminal: .venv/bin/mqi cases list\n"
-                  f"  Worker logs: {settings.paths.logs}/worker.log, control.log   Ctrl-C stops.", highlight=False)
     try:
+        for worker in workers:  # inside the try: a SIGTERM between two starts stops the first cleanly
+            worker.start()
+        _send_reconcile()
+        console.print(f"[bold]mqi-celery is running[/bold] ({settings.source}).\n"
+                      f"  Drop a case folder into   {settings.paths.inbox}/\n"
+                      f"  then create the file      _CASE_READY in it (or wait {settings.scanner.settle_seconds:g} s).\n"
+                      f"  Results appear in         {settings.paths.results}/<case_id>/\n"
+                      f"  Inspect from another terminal: .venv/bin/mqi cases list\n"
+                      f"  Worker logs: {settings.paths.logs}/worker.log, control.log   Ctrl-C stops.", highlight=False)
         if live and console.is_terminal:
             with Live(cases_table(store.list_cases()), console=console, refresh_per_second=2) as view:
                 while True:
