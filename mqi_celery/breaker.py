@@ -36,11 +36,7 @@ class Breaker:
         self.failures_to_open, self.cooldown = failures_to_open, timedelta(seconds=cooldown_seconds)
 
     def _row(self, s):
-        row = self.store._lock(s, db.HostRow, db.HostRow.name == self.host).one_or_none()
-        if row is None:
-            row = db.HostRow(name=self.host, state="closed", failures=0, updated_at=db.utcnow())
-            s.add(row)
-        return row
+        return self.store.host_row(s, self.host)
 
     def _event(self, command: str, payload: dict) -> None:
         """A host event in the events table (shown by `mqi cases show` of the cases it

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 from celery import chain, group
 
-from . import case_reader, faults, logs, messages, runtime
+from . import case_reader, db, faults, logs, messages, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
 from .errors import MQIError, ValidationError
@@ -103,7 +104,8 @@ def admit(case_id: str) -> bool:
             return False
         store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
         store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
-                          study_uid=info.study_uid, stage="upload")
+                          study_uid=info.study_uid, stage="upload",
+                          lease_until=db.utcnow() + timedelta(seconds=settings.reconciler.lease_seconds))
         # No path: nested layouts put the patient id in it; events carry case ids only.
         messages.emit("new_case_found", {"valid": True, "files": len(files),
                                          "beams": [b.number for b in info.beams]}, case_id=case_id)
@@ -117,7 +119,7 @@ def collect_finished() -> int:
     store, moved = runtime.store(), 0
     for case_id in store.cases_to_collect():
         with for_case(case_id):
-            if store.advance_stage(case_id, "run", "collect"):
+            if store.advance_stage(case_id, "run", "collect", runtime.settings().reconciler.lease_seconds):
                 moved += dispatch(case_id, stage="collect")
     return moved
 
@@ -126,8 +128,9 @@ def collect_finished() -> int:
 def verify_results(self, case_id: str) -> str:
     """Results on disk are those downloaded (hash) and readable dose files."""
     store = runtime.store()
-    if store.begin_step(case_id, "verifying") is None:
-        return "skipped: case no longer active"
+    case = store.get_case(case_id)
+    if case is None or case.stage != "collect" or store.begin_step(case_id, "verifying") is None:
+        return "skipped: case not collecting"
     faults.point("before_verify")
     folder = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:
@@ -163,18 +166,22 @@ def _check_results(folder: Path, results: dict[str, str]) -> str | None:
 def finalize_case(self, case_id: str) -> str:
     store = runtime.store()
     case = store.get_case(case_id)
-    if case.status is not CaseStatus.PROCESSING:
-        return f"skipped: case is {case.status.value}"
+    if case.status is not CaseStatus.PROCESSING or case.stage != "collect":
+        return f"skipped: case is {case.status.value} in stage {case.stage}"
     failed = [j for j in case.jobs if j.status is not JobStatus.COMPLETED]
     faults.point("before_finalize")
     _write_report(case)
     if failed:
         reason = "; ".join(f"beam {j.beam} ({j.beam_name}): {j.error or j.status.value}" for j in failed)
-        store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None)
+        if store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None,
+                             only_from={CaseStatus.PROCESSING}) is None:
+            return "skipped: finalized meanwhile"
         messages.emit("case_failed", {"reason": reason, "completed_beams": [j.beam for j in case.jobs
                                                                           if j not in failed]}, case_id=case_id)
         return CaseStatus.FAILED.value
-    store.update_case(case_id, status=CaseStatus.COMPLETED, step="finished", error=None, lease_until=None)
+    if store.update_case(case_id, status=CaseStatus.COMPLETED, step="finished", error=None, lease_until=None,
+                         only_from={CaseStatus.PROCESSING}) is None:
+        return "skipped: finalized meanwhile"
     messages.emit("case_completed", {"beams": [j.beam for j in case.jobs],
                                      "results": {n: s for j in case.jobs for n, s in j.results.items()}},
                   case_id=case_id)
@@ -203,16 +210,27 @@ def fail_case(case_id: str, reason: str) -> bool:
     if case is None or case.status in TERMINAL_CASE:
         return False
     for job in case.jobs:
-        if job.status in TERMINAL_JOB:
-            continue
-        if job.status is JobStatus.RUNNING and job.remote_id and job.finished_at is None:
-            _cancel_run(job, case_id)
-        store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped")
+        _stop_job(case_id, job, reason)
     if store.update_case(case_id, status=CaseStatus.FAILED, error=reason, lease_until=None, wait_reason=None,
                          only_from={CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING}) is None:
         return False
     messages.emit("case_failed", {"reason": reason}, case_id=case_id)
     return True
+
+
+def _stop_job(case_id: str, job, reason: str) -> None:
+    """Fail one job; a PENDING one may be submitted meanwhile: then its run is cancelled too."""
+    store = runtime.store()
+    if job.status is JobStatus.PENDING:
+        if store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped",
+                            only_from={JobStatus.PENDING}) is not None:
+            return
+        job = store.get_job(case_id, job.beam)  # submitted in between
+    if job.status is JobStatus.RUNNING:
+        if job.remote_id and job.finished_at is None:
+            _cancel_run(job, case_id)
+        store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped",
+                         only_from={JobStatus.RUNNING})
 
 
 def _cancel_run(job, case_id: str) -> None:
@@ -246,9 +264,14 @@ def retry_case(case_id: str) -> Case:
 
 def _retry(case: Case) -> Case:
     store, case_id = runtime.store(), case.case_id
+    lease = db.utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds)
+    # Claim first: of two retries at once (CLI and Flower), one wins, the other is refused.
+    if store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1,
+                         reconciles=0, wait_reason=None, lease_until=lease,
+                         only_from={CaseStatus.COMPLETED, CaseStatus.FAILED}) is None:
+        raise MQIError(f"case {case_id} is being retried already")
     messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
     if case.step == "validation" or not case.jobs:  # the folder may have been fixed: validate again
-        store.update_case(case_id, attempts=case.attempts + 1, reconciles=0)
         admit(case_id)
         return store.get_case(case_id)
     failed = [j for j in case.jobs if j.status is JobStatus.FAILED]
@@ -258,9 +281,7 @@ def _retry(case: Case) -> Case:
                          finished_at=None, resubmits=0, judge_attempts=0, results={})
     # Beams to run again: from the upload (it re-verifies the remote copy, sending only
     # what differs); all beams done: only their results are collected again.
-    stage = "upload" if failed or case.stage in (None, "upload") else "collect"
-    store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1,
-                      stage=stage, reconciles=0, wait_reason=None)
+    store.update_case(case_id, stage="upload" if failed or case.stage in (None, "upload") else "collect")
     dispatch(case_id)
     return store.get_case(case_id)
 

@@ -104,8 +104,9 @@ def upload_case(self, case_id: str) -> str:
 def download_results(self, case_id: str) -> str:
     """Fetch the results of every beam that completed (failed beams have none)."""
     store, host = runtime.store(), runtime.host()
-    if store.begin_step(case_id, "downloading") is None:
-        return "skipped: case no longer active"
+    case = store.get_case(case_id)
+    if case is None or case.stage != "collect" or store.begin_step(case_id, "downloading") is None:
+        return "skipped: case not collecting"
     local_dir = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:
         if job.status is not JobStatus.COMPLETED or results_intact(local_dir, job.results):

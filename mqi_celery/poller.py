@@ -33,18 +33,27 @@ def poll_jobs() -> int:
     active = [j for j in store.active_jobs() if j.scheduler == scheduler.kind]
     watching = {j.remote_id: j for j in active if j.finished_at is None}
     states = _poll(store, host, scheduler, watching) if watching else {}
-    for job in active:
-        with for_case(job.case_id):
-            state = states.get(job.remote_id)
-            if state is not None:
-                job = _record(store, job, state) or job
-            if job.finished_at is not None:
-                _judge(job)
-            elif job.remote_id in states and (reason := overdue(job, scheduler, runtime.settings())):
-                scheduler.cancel(job.remote_id, remote_job_dir(host.root, job.case_id, job.beam))
-                finish(job.case_id, job.beam, reason)
-    collect_finished()
+    try:
+        for job in active:
+            with for_case(job.case_id):
+                try:
+                    _look_after(store, host, scheduler, job, states.get(job.remote_id), job.remote_id in states)
+                except Exception:  # noqa: BLE001 - one job's trouble must not stall the others
+                    log.exception("beam %s of %s: could not act on its state; trying again next poll",
+                                  job.beam, job.case_id)
+    finally:
+        collect_finished()
     return len(active)
+
+
+def _look_after(store, host, scheduler, job, state, answered: bool) -> None:
+    if state is not None:
+        job = _record(store, job, state) or job
+    if job.finished_at is not None:
+        _judge(job)
+    elif answered and (reason := overdue(job, scheduler, runtime.settings())):
+        scheduler.cancel(job.remote_id, remote_job_dir(host.root, job.case_id, job.beam))
+        finish(job.case_id, job.beam, reason)
 
 
 def _poll(store, host, scheduler, watching: dict) -> dict:

@@ -80,11 +80,13 @@ def _resume_parked() -> int:
     resumed = 0
     for case_id in store.parked_cases():
         case = store.get_case(case_id)
-        messages.emit("case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
-        if case.status is CaseStatus.NEW:
-            store.update_case(case_id, wait_reason=None, lease_until=utcnow())
-        elif not dispatch(case_id):
-            store.update_case(case_id, wait_reason=None)  # the poller's stage: it simply polls again
+        with logs.bound(case.trace_id):
+            messages.emit("case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
+            live = case.lease_until is not None and case.lease_until > utcnow()
+            if case.status is CaseStatus.NEW or live:  # a live task still carries it: only the note goes
+                store.update_case(case_id, wait_reason=None)
+            elif not dispatch(case_id):
+                store.update_case(case_id, wait_reason=None)  # the poller's stage: it simply polls again
         resumed += 1
     return resumed
 
@@ -99,6 +101,7 @@ def _probe() -> bool:
     except Exception as exc:  # noqa: BLE001 - refused by the breaker or failed: it recorded why
         log.info("host probe: %s", exc)
         return False
+    breaker.succeeded()  # also when this process's pooled connection answered (no new handshake)
     return True
 
 

@@ -33,6 +33,8 @@ def submit_beam(self, case_id: str, beam: int) -> str:
     if store.begin_step(case_id, "submitting") is None:
         return "skipped: case no longer active"
     case = store.get_case(case_id)
+    if case.stage != "submit":  # not uploaded yet (a parked upload), or long past submitting
+        return f"skipped: case is in stage {case.stage}"
     job = next(j for j in case.jobs if j.beam == beam)
     if job.status is JobStatus.PENDING:
         if job.step != "input written":  # not after a crash past this point: the folder may hold its run

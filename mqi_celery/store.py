@@ -167,6 +167,8 @@ class Store:
         def change(row):
             if row.status not in (CaseStatus.QUEUED.value, CaseStatus.PROCESSING.value):
                 return False
+            if reconcile and row.lease_until is not None and row.lease_until >= db.utcnow():
+                return False  # a task renewed the lease since the reconciler looked: alive after all
             row.stage = stage or row.stage or "upload"
             if row.stage == "run":
                 row.wait_reason = None
@@ -202,7 +204,7 @@ class Store:
         """Once no beam waits to be submitted, the case is the poller's (stage "run")."""
         pending = exists().where(db.JobRow.case_id == db.CaseRow.case_id,
                                  db.JobRow.status == JobStatus.PENDING.value)
-        stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage.in_(("upload", "submit")),
+        stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage == "submit",
                                          db.CaseRow.status == CaseStatus.PROCESSING.value, ~pending)
                 .values(stage="run", lease_until=None, reconciles=0, updated_at=db.utcnow()))
         with self.session() as s:
@@ -250,16 +252,18 @@ class Store:
             return list(s.scalars(select(db.CaseRow.case_id).where(
                 db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run", ~live)))
 
+    def host_row(self, s: Session, name: str) -> db.HostRow:
+        """The host's row, locked; created first if new (two processes may race to)."""
+        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        s.execute(insert(db.HostRow).values(name=name, state="closed", failures=0, updated_at=db.utcnow())
+                  .on_conflict_do_nothing())
+        return self._lock(s, db.HostRow, db.HostRow.name == name).one()
+
     def note_poll(self, host: str, error: str | None):
         """Record whether the host's scheduler answered; returns since when it fails (or None)."""
         now = db.utcnow()
         with self.session() as s:
-            row = self._lock(s, db.HostRow, db.HostRow.name == host).one_or_none()
-            if row is None:
-                if error is None:
-                    return None
-                row = db.HostRow(name=host, state="closed", failures=0)
-                s.add(row)
+            row = self.host_row(s, host)
             if error is None:
                 if row.poll_failing_since is not None:
                     row.poll_failing_since, row.poll_error, row.updated_at = None, None, now

@@ -10,7 +10,7 @@ import random
 from functools import lru_cache
 
 from celery import Task, signals
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Retry
 
 from . import logs, runtime
 from .errors import ConnectionError_, MQIError, is_transient
@@ -58,13 +58,13 @@ class PipelineTask(Task):
             return "skipped: superseded dispatch"
         try:
             return super().__call__(*args, **kwargs)
-        except Retry:
+        except (Retry, Ignore):
             raise
         except Exception as exc:
             if case_id and host_down(exc):
                 runtime.store().park(case_id, dispatch, str(exc))
                 log.warning("%s: case %s waits: %s", self.name, case_id, exc)
-                return "parked: host unreachable"
+                raise Ignore() from exc  # not a success: the rest of the canvas must not run
             if not is_transient(exc):
                 raise
             policy = runtime.settings().retry

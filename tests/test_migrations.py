@@ -17,6 +17,7 @@ OLD_CASES = [  # case_id, status, step (as the first release left them)
     ("queued", "QUEUED", "queued"),
     ("uploading", "PROCESSING", "uploading"),
     ("running", "PROCESSING", "running"),
+    ("halfway", "PROCESSING", "running"),  # the old code said "running" after the first submit
     ("downloading", "PROCESSING", "downloading"),
     ("done", "COMPLETED", "finished"),
 ]
@@ -45,19 +46,20 @@ def test_upgrade_from_the_first_schema_resumes_unfinished_cases(kind, tmp_path):
                     "INSERT INTO cases (case_id, path, status, step, trace_id, manifest, attempts, created_at, "
                     "updated_at) VALUES (:c, :p, :s, :st, 't', '{}', 0, '2026-01-01', '2026-01-01')"),
                     {"c": case_id, "p": f"/inbox/{case_id}", "s": status, "st": step})
-                conn.execute(text(
-                    "INSERT INTO jobs (case_id, beam, beam_name, delivery_dir, status, results, updated_at) "
-                    "VALUES (:c, 2, 'b', 'd', 'RUNNING', '{}', '2026-01-01')"), {"c": case_id})
+                for beam, job_status in ((2, "RUNNING"), (3, "PENDING" if case_id == "halfway" else "RUNNING")):
+                    conn.execute(text(
+                        "INSERT INTO jobs (case_id, beam, beam_name, delivery_dir, status, results, updated_at) "
+                        "VALUES (:c, :b, 'b', 'd', :s, '{}', '2026-01-01')"), {"c": case_id, "b": beam, "s": job_status})
         db.migrate(engine)
         tables = inspect(engine).get_table_names()
         assert {"cases", "jobs", "events", "hosts", "alembic_version"} <= set(tables)
         store = Store(engine)
         stages = {c: store.get_case(c).stage for c, _, _ in OLD_CASES}
-        assert stages == {"queued": "upload", "uploading": "upload", "running": "run",
+        assert stages == {"queued": "upload", "uploading": "upload", "running": "run", "halfway": "submit",
                           "downloading": "collect", "done": None}
         # Their old messages died with the old code: the reconciler finds them at once;
         # the running one is the poller's, the finished one nobody's.
-        assert sorted(store.expired_leases()) == ["downloading", "queued", "uploading"]
+        assert sorted(store.expired_leases()) == ["downloading", "halfway", "queued", "uploading"]
         job = store.get_job("running", 2)
         assert (job.resubmits, job.judge_attempts) == (0, 0)
         with engine.connect() as conn:

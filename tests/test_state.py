@@ -111,7 +111,7 @@ def test_tasks_of_a_superseded_dispatch_skip_themselves(config_file):
     second = store.start_dispatch("c1", 60)
     assert (first.dispatch, second.dispatch) == (1, 2)
     assert finalize_case("c1", dispatch=1) == "skipped: superseded dispatch"
-    assert finalize_case("c1", dispatch=2) == "skipped: case is QUEUED"  # the current dispatch runs
+    assert finalize_case("c1", dispatch=2) == "skipped: case is QUEUED in stage upload"  # the current dispatch runs
 
 
 def test_a_stage_moves_on_exactly_once(config_file):
@@ -145,3 +145,17 @@ def test_expired_and_void_leases_are_found_parked_cases_are_not(config_file):
     assert store.parked_cases() == ["parked"]
     assert store.void_leases() == 2  # live and lost: at start-up nothing is alive
     assert sorted(store.expired_leases()) == ["live", "lost"]
+
+
+def test_two_retries_at_once_only_one_runs(config_file):
+    from mqi_celery.conductor import _retry
+    from mqi_celery.errors import MQIError
+
+    store = runtime.store()
+    _queued_case(store)
+    store.update_case("c1", status=CaseStatus.FAILED, step="finished", error="beam 2 failed")
+    snapshot = store.get_case("c1")  # what both the CLI and Flower read
+    assert _retry(snapshot).status is CaseStatus.QUEUED
+    with pytest.raises(MQIError, match="being retried already"):
+        _retry(snapshot)
+    assert store.get_case("c1").attempts == 1

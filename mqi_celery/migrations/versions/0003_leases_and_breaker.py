@@ -17,7 +17,10 @@ _STAGE_FROM_STEP = """
 UPDATE cases SET stage = CASE
   WHEN status IN ('NEW', 'QUEUED') THEN 'upload'
   WHEN status = 'PROCESSING' AND step IN ('downloading', 'verifying') THEN 'collect'
-  WHEN status = 'PROCESSING' AND step = 'running' THEN 'run'
+  WHEN status = 'PROCESSING' AND step = 'running'
+       AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.case_id = cases.case_id AND jobs.status = 'PENDING')
+       THEN 'run'
+  WHEN status = 'PROCESSING' AND step = 'running' THEN 'submit'
   WHEN status = 'PROCESSING' THEN 'upload'
   ELSE NULL END
 """
