@@ -1,25 +1,43 @@
-"""Reconciler and circuit breaker on a real database (SQLite) and the folder broker."""
+"""Reconciler and circuit breaker on a real database (SQLite). The broker is replaced by a
+recorder here (this process's Celery app keeps the first broker it was configured with);
+tests/test_faults.py and tests/test_embedded_faults.py reconcile through real brokers."""
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
-from mqi_celery import db, runtime
+from mqi_celery import conductor, db, reconciler, runtime
 from mqi_celery.breaker import Breaker, HostUnavailable
-from mqi_celery.celery_app import app
 from mqi_celery.models import CaseStatus
 from mqi_celery.reconciler import reconcile_once
 from mqi_celery.store import NewJob
 
 
+class Broker:
+    """Records the canvases sent, and says which queues hold waiting messages."""
+
+    def __init__(self):
+        self.sent, self.busy = [], set()
+
+    def workflow(self, case):
+        return _Sent(self, case)
+
+
+class _Sent:
+    def __init__(self, broker, case):
+        self.broker, self.case = broker, case
+
+    def apply_async(self):
+        self.broker.sent.append((self.case.case_id, self.case.stage, self.case.dispatch))
+
+
 @pytest.fixture(autouse=True)
-def empty_broker(config_file):
-    """No message of an earlier test in this process's broker folder (celeryconfig, hence
-    the folder, is read once per process): queue depths here are this test's own."""
-    for message in Path(app.conf.broker_transport_options["data_folder_out"]).glob("*.msg"):
-        message.unlink()
+def broker(config_file, monkeypatch):
+    fake = Broker()
+    monkeypatch.setattr(conductor, "workflow", fake.workflow)
+    monkeypatch.setattr(reconciler, "_busy_queues", lambda: set(fake.busy))
+    return fake
 
 
 def _case_with_lost_work(store, case_id="lost", reconciles=0, stage="upload"):
@@ -29,7 +47,7 @@ def _case_with_lost_work(store, case_id="lost", reconciles=0, stage="upload"):
     store.start_dispatch(case_id, -1)  # its lease ran out: nothing of it is alive
 
 
-def test_an_expired_lease_is_dispatched_again_with_an_event(config_file, empty_broker):
+def test_an_expired_lease_is_dispatched_again_with_an_event(broker):
     store = runtime.store()
     _case_with_lost_work(store)
     summary = reconcile_once()
@@ -38,20 +56,19 @@ def test_an_expired_lease_is_dispatched_again_with_an_event(config_file, empty_b
     assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
     [event] = [e for e in store.events("lost") if e["command"] == "case_reconciled"]
     assert event["payload"]["stage"] == "upload" and "dispatched again" in event["payload"]["reason"]
-    # Where this process's app publishes (celeryconfig is read once per process).
-    folder = Path(app.conf.broker_transport_options["data_folder_out"])
-    queued = [m for m in folder.glob("*.transfer.msg") if "lost" in m.read_text()]
-    assert len(queued) == 1  # the upload, sent again
+    assert broker.sent == [("lost", "upload", 2)]  # the upload, sent again
     assert reconcile_once()["reconciled"] == 0  # a live lease is left alone
     # Expired again while its upload still waits in the transfer queue (no worker here):
     # it may simply be in line behind others, so the lease is extended, nothing counted.
+    broker.busy = {"transfer"}
     store.update_case("lost", lease_until=db.utcnow() - timedelta(seconds=1))
     assert reconcile_once()["postponed"] == 1
     case = store.get_case("lost")
     assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
+    assert len(broker.sent) == 1  # nothing sent twice
 
 
-def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(config_file):
+def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(broker):
     store = runtime.store()
     _case_with_lost_work(store, reconciles=runtime.settings().reconciler.max_reconciles, stage="submit")
     assert reconcile_once()["failed"] == 1
@@ -60,7 +77,7 @@ def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(config_
     assert "mqi cases retry" in case.error
 
 
-def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(config_file):
+def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(broker):
     store = runtime.store()
     breaker = Breaker(store, "cluster", failures_to_open=3, cooldown_seconds=30)
     _case_with_lost_work(store, "waiting")
