@@ -31,7 +31,7 @@ from .celery_app import app
 from .errors import MQIError, ValidationError
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
-from .models import TERMINAL_CASE, TERMINAL_JOB, Case, CaseStatus, JobStatus
+from .models import TERMINAL_CASE, Case, CaseStatus, JobStatus
 from .naming import remote_job_dir
 from .remote_executor import submit_beam
 from .store import NewJob

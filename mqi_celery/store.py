@@ -262,12 +262,14 @@ class Store:
     def note_poll(self, host: str, error: str | None):
         """Record whether the host's scheduler answered; returns since when it fails (or None)."""
         now = db.utcnow()
+        if error is None:  # the usual case, every interval: one UPDATE that matches nothing
+            stmt = (update(db.HostRow).where(db.HostRow.name == host, db.HostRow.poll_failing_since.is_not(None))
+                    .values(poll_failing_since=None, poll_error=None, updated_at=now))
+            with self.session() as s:
+                s.execute(stmt.execution_options(synchronize_session=False))
+            return None
         with self.session() as s:
             row = self.host_row(s, host)
-            if error is None:
-                if row.poll_failing_since is not None:
-                    row.poll_failing_since, row.poll_error, row.updated_at = None, None, now
-                return None
             row.poll_failing_since = row.poll_failing_since or now
             row.poll_error, row.updated_at = error[:500], now
             return row.poll_failing_since
