@@ -11,19 +11,9 @@ import tempfile
 from pathlib import Path
 
 from tests.polling import poll_until
-from tests.testbed.cluster import free_ports
+from tests.testbed.cluster import free_ports, listening
 
 PG_BIN = next(Path("/usr/lib/postgresql").glob("*/bin"), Path("/usr/lib/postgresql/15/bin"))
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class PrivateRabbitMQ:
@@ -49,13 +39,13 @@ class PrivateRabbitMQ:
         self.proc = subprocess.Popen(["runuser", "-u", "rabbitmq", "--", "env", *(f"{k}={v}" for k, v in env.items()),
                                       "/usr/lib/rabbitmq/bin/rabbitmq-server"], stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        poll_until(lambda: _port_open(self.port), 120, 0.5, f"private RabbitMQ on port {self.port}")
+        poll_until(lambda: listening(self.port), 120, 0.5, f"private RabbitMQ on port {self.port}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(60)
-        poll_until(lambda: not _port_open(self.port), 30, 0.5, "private RabbitMQ to stop")
+        poll_until(lambda: not listening(self.port), 30, 0.5, "private RabbitMQ to stop")
 
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:

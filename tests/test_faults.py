@@ -75,6 +75,14 @@ def assert_exactly_once(cluster, cases) -> None:
     assert set(per_beam) == beams and set(per_beam.values()) == {1}, per_beam
 
 
+def _poll_failing(store, host: str) -> bool:
+    from mqi_celery import db
+
+    with store.session() as s:
+        row = s.get(db.HostRow, host)
+        return row is not None and row.poll_failing_since is not None
+
+
 def report(name: str, **figures) -> None:
     print(f"FAULT-REPORT {json.dumps({'test': name, **figures})}")
 
@@ -243,7 +251,8 @@ def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
     poll_until(lambda: any(j.remote_state == "RUNNING" for j in store.get_case("ctld").jobs)
                if store.get_case("ctld") else None, 180, what="a job running")
     tb.stop_daemon("slurmctld", graceful=True)
-    time.sleep(5)  # the outage: polls fail meanwhile (not a synchronisation)
+    # Bring it back once the pipeline has felt the outage: a poll failed and was recorded.
+    poll_until(lambda: _poll_failing(store, tb.host), 60, what="a poll to fail while slurmctld is down")
     tb.start_daemon("slurmctld")
     assert wait_finished("ctld", 300).status is CaseStatus.COMPLETED
     # A node failure under a running job: NODE_FAIL, resubmitted once, completes.
@@ -365,16 +374,24 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     store = runtime.store()
     poll_until(lambda: sum(bool(case and case.status is CaseStatus.PROCESSING) for case in map(store.get_case, ids))
                >= 3, 180, what="cases in flight")
+    log = tmp_path / "log" / "mqi.jsonl"
+
+    def felt(text: str, before: int) -> bool:  # the workers have noticed the outage
+        return log.read_text().count(text) > before
+
     t0 = time.monotonic()
+    lost = log.read_text().count("Connection to broker lost")
     c.rabbit.stop()
-    time.sleep(15)  # the outage (scenario length, not synchronisation)
+    poll_until(lambda: felt("Connection to broker lost", lost), 120, 1.0, "workers to lose the broker")
     c.rabbit.start()
+
     def progress() -> int:
         return sum(len(store.events(case_id)) for case_id in ids)
     seen = progress()
     poll_until(lambda: progress() > seen, 300, what="work to go on after the broker restart")
+    refused = log.read_text().count("OperationalError")
     c.pg.stop()
-    time.sleep(15)
+    poll_until(lambda: felt("OperationalError", refused), 120, 1.0, "workers to lose the database")
     c.pg.start()
     runtime.reset()  # this test process's own pool
     cases = wait_all(ids, 600, c.procs)

@@ -12,7 +12,7 @@ from mqi_celery import runtime
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.tasks import QUEUES
 from tests.casegen import STUDY_UID, make_case
-from tests.conftest import poll_until
+from tests.pipeline_cluster import wait_finished
 from tests.services import CeleryProcesses, postgres_database, rabbitmq_vhost
 
 pytestmark = pytest.mark.integration
@@ -41,11 +41,7 @@ def test_case_completes_through_rabbitmq_and_postgres(tmp_path, config_file, ser
                 procs.start_worker(queue, "--pool", "threads", "--concurrency", "4")
             procs.start_beat()
             make_case(tmp_path / "inbox", marker=True)
-
-            def finished():
-                case = store.get_case(STUDY_UID)
-                return case if case and case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) else None
-            case = poll_until(finished, 120, 0.5, "the case to finish")
+            case = wait_finished(STUDY_UID, 120)
         finally:
             procs.stop()
         assert case.status is CaseStatus.COMPLETED, case.error
@@ -84,11 +80,7 @@ def test_a_failed_event_publish_never_fails_a_case(tmp_path, config_file, servic
             procs.start_worker(queue, "--pool", "threads", "--concurrency", "2")
         procs.start_beat()
         make_case(tmp_path / "inbox", marker=True, rows_per_layer=2)
-
-        def finished():
-            case = store.get_case(STUDY_UID)
-            return case if case and case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) else None
-        case = poll_until(finished, 120, 0.5, "the case to finish")
+        case = wait_finished(STUDY_UID, 120)
     finally:
         procs.stop()
     assert case.status is CaseStatus.COMPLETED, case.error

@@ -217,7 +217,7 @@ class Testbed:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         if self.accounting:
             self._spawn("slurmdbd", "slurmdbd", "-D")  # reads slurmdbd.conf beside SLURM_CONF
-            self._poll("slurmdbd port", self.start_timeout, ready=lambda: _listening(self.dbd_port))
+            self._poll("slurmdbd port", self.start_timeout, ready=lambda: listening(self.dbd_port))
         self._spawn("slurmctld", "slurmctld", "-D", "-f", str(self.slurm_conf))
         self._spawn("slurmd", "slurmd", "-D", "-N", "localhost", "-f", str(self.slurm_conf))
         self._spawn("sshd", SSHD, "-D", "-f", str(b / "ssh" / "sshd_config"),
@@ -316,7 +316,8 @@ class Testbed:
         return "\n".join(out)
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:port."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
