@@ -8,17 +8,28 @@ physicist can act on; nothing here reads or returns patient names.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
+import logging
+import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from .errors import ValidationError
 from .hosts import file_sha256
+from .naming import PORTABLE_HINT, name_problem, shown
+
+log = logging.getLogger(__name__)
 
 PTN_ROW_BYTES = 16  # 8 big-endian uint16 per 15 us sample
+PLAN_PATTERN = "RP*.dcm"
+MAX_DEPTH_IN_CASE = 4  # <case>/<delivery>/... deeper than this is not an export
+LAYER_FILE_COLUMNS = ("SCAN_OUT_FL_NM", "PLAN_SCAN_OUT_FL_NM")
+CASE_REMOVED = ("the case folder {name} was removed (or renamed) from the inbox; put it back where it was, "
+                "then retry the case")
 
 
 @dataclass(frozen=True)
@@ -37,105 +48,281 @@ class CaseInfo:
     beams: tuple[DeliveredBeam, ...]
 
 
-def is_delivery_folder(path: Path) -> bool:
-    return (path / "PlanInfo.txt").is_file()
+@dataclass(frozen=True)
+class Inventory:
+    """What a case folder holds, seen without following links: sizes by relative path."""
+    files: dict[str, int]
+    folders: tuple[str, ...]
+
+    def top_files(self) -> list[str]:
+        return [f for f in self.files if "/" not in f]
+
+    def top_folders(self) -> list[str]:
+        return [f for f in self.folders if "/" not in f]
 
 
-def read_plan_info(path: Path) -> dict[str, str]:
+def looks_like_delivery_folder(names: set[str]) -> bool:
+    """A folder's entry names look like a beam's delivery log (even an incomplete one)."""
+    return bool({"PlanInfo.txt", "PlanRange.txt"} & names) or any(n.endswith((".ptn", ".mgn")) for n in names)
+
+
+def require_folder(case_dir: Path) -> None:
+    """The case folder is still there, is a real folder, and no link leads to it."""
+    if os.path.islink(case_dir):
+        raise ValidationError(f"the case folder {shown(case_dir.name)} is a symbolic link; only folders that "
+                              "are really inside the inbox are read: copy the case in instead of linking it")
+    if not case_dir.is_dir():
+        raise ValidationError(CASE_REMOVED.format(name=shown(case_dir.name)))
+    if os.path.realpath(case_dir) != os.path.abspath(case_dir):
+        raise ValidationError(f"the path of case folder {shown(case_dir.name)} passes through a symbolic link; "
+                              "copy the case into the inbox instead of linking it")
+
+
+def inventory(case_dir: Path, marker: str) -> Inventory:
+    """Every file and folder of the case, checked before anything is opened: no symbolic
+    link (it could make the worker read and upload any file it can read), no pipe or device
+    (reading one blocks), every name portable. Hidden entries (``.DS_Store``) and the
+    ready marker are not part of the case."""
+    require_folder(case_dir)
+    files: dict[str, int] = {}
+    folders: list[str] = []
+
+    def walk(folder: Path, rel: PurePosixPath, depth: int) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        for entry in entries:
+            if entry.name.startswith(".") or (depth == 0 and entry.name == marker):
+                continue
+            where = shown(str(rel / entry.name))
+            if entry.is_symlink():
+                raise ValidationError(f"{where} in the case folder is a symbolic link; copy the real file or "
+                                      "folder into the case instead (links are never followed)")
+            problem = name_problem(entry.name)
+            if problem:
+                raise ValidationError(f"the name of {where} {problem}; {PORTABLE_HINT}")
+            if entry.is_dir(follow_symlinks=False):
+                if depth + 1 >= MAX_DEPTH_IN_CASE:
+                    raise ValidationError(f"{where} is nested {depth + 2} folders deep inside the case; "
+                                          "a case holds its plan and one flat folder per delivered beam")
+                folders.append(str(rel / entry.name))
+                walk(Path(entry.path), rel / entry.name, depth + 1)
+            elif entry.is_file(follow_symlinks=False):
+                files[str(rel / entry.name)] = entry.stat(follow_symlinks=False).st_size
+            else:
+                raise ValidationError(f"{where} is not a regular file (a pipe, socket or device); remove it "
+                                      "from the case folder")
+
+    try:
+        walk(case_dir, PurePosixPath(), 0)
+    except FileNotFoundError:
+        require_folder(case_dir)  # the whole case went: say so
+        raise ValidationError("files of the case disappeared while it was being read; wait until the copy is "
+                              "complete, then retry the case") from None
+    return Inventory(files=files, folders=tuple(folders))
+
+
+def plan_file(files) -> str:
+    """The plan's name among a validated case's files (its manifest)."""
+    return next(f for f in files if "/" not in f and fnmatch.fnmatchcase(f, PLAN_PATTERN))
+
+
+def read_plan_info_text(text: str) -> dict[str, str]:
     """``KEY,VALUE`` lines (Windows line ends allowed); the value may itself hold commas."""
     info = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         key, sep, value = line.strip().partition(",")
         if sep:
             info[key.strip()] = value.strip()
     return info
 
 
-def _read_plan(case_dir: Path):
-    plans = sorted(p for p in case_dir.glob("RP*.dcm") if p.is_file())
+def _read_plan(case_dir: Path, inv: Inventory):
+    top = inv.top_files()
+    plans = [f for f in top if fnmatch.fnmatchcase(f, PLAN_PATTERN)]
     if not plans:
-        raise ValidationError(f"no RT plan: expected one RP*.dcm file in the case folder {case_dir.name}; "
-                              "export the RT Ion plan into it")
+        other = [f for f in top if f.lower().endswith(".dcm")]
+        seen = f" (found {', '.join(other[:3])}, which are not named RP*.dcm)" if other else ""
+        raise ValidationError(f"no RT plan: expected one RP*.dcm file in the case folder {shown(case_dir.name)}"
+                              f"{seen}; export the RT Ion plan into it")
     if len(plans) > 1:
-        names = ", ".join(p.name for p in plans)
-        raise ValidationError(f"{len(plans)} RT plans in one case folder ({names}); keep exactly one")
-    plan_file = plans[0]
+        raise ValidationError(f"{len(plans)} RT plans in one case folder ({', '.join(plans)}); keep exactly one")
+    name = plans[0]
+    if inv.files[name] == 0:
+        raise ValidationError(f"RT plan {name} is empty; export it again")
     try:
-        ds = pydicom.dcmread(plan_file, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise ValidationError(f"RT plan {plan_file.name} is not a readable DICOM file ({type(exc).__name__}); "
-                              "re-export it") from None
+        ds = pydicom.dcmread(case_dir / name, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+        log.info("RT plan %s unreadable: %r", name, exc)
+        raise ValidationError(f"RT plan {name} is not a readable DICOM file; export it again") from None
+    try:
+        return name, ds, _plan_beams(name, ds)
+    except ValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged value deep in the plan
+        log.info("RT plan %s not interpretable: %r", name, exc)
+        raise ValidationError(f"RT plan {name} holds values that cannot be read (a damaged or unusual export); "
+                              "export it again") from None
+
+
+def _plan_beams(name: str, ds) -> dict:
+    """The plan's ion beams by number, once the plan is known to be whole."""
     if ds.get("Modality") != "RTPLAN" or "IonBeamSequence" not in ds:
-        raise ValidationError(f"{plan_file.name} is not an RT Ion plan (Modality {ds.get('Modality')!r}, "
-                              "no IonBeamSequence)")
-    return plan_file, ds
+        raise ValidationError(f"{name} is not an RT Ion plan (Modality {ds.get('Modality')!r}, no IonBeamSequence); "
+                              "export the RT Ion plan")
+    beams = {}
+    for i, beam in enumerate(ds.IonBeamSequence, start=1):
+        raw = str(beam.get("BeamNumber", "")).strip()
+        if not re.fullmatch(r"[0-9]{1,6}", raw, re.ASCII):
+            raise ValidationError(f"RT plan {name}: ion beam #{i} ({beam.get('BeamName', 'unnamed')}) has "
+                                  f"{'no BeamNumber' if not raw else f'BeamNumber {raw!r}, not a number'}; "
+                                  "export the plan again from the planning system")
+        points, expected = len(beam.get("IonControlPointSequence", [])), beam.get("NumberOfControlPoints")
+        if expected is not None and points != int(expected):
+            raise ValidationError(f"RT plan {name} is incomplete: beam {raw} has {points} of its {int(expected)} "
+                                  "control points (the file was cut short); export it again")
+        beams[int(raw)] = beam
+    referenced = {int(ref.ReferencedBeamNumber) for group in ds.get("FractionGroupSequence", [])
+                  for ref in group.get("ReferencedBeamSequence", []) if "ReferencedBeamNumber" in ref}
+    missing = sorted(referenced - set(beams))
+    if missing:
+        raise ValidationError(f"RT plan {name} is incomplete: its fraction group names beam(s) "
+                              f"{', '.join(map(str, missing))}, which the file does not hold (cut short?); "
+                              "export it again")
+    return beams
 
 
-def _check_layers(folder: Path) -> int:
-    """Every layer row in PlanRange.txt must have its .ptn and .mgn file; returns the count."""
-    ranges = folder / "PlanRange.txt"
-    if not ranges.is_file():
-        raise ValidationError(f"delivery folder {folder.name} has no PlanRange.txt")
-    rows = list(csv.DictReader(io.StringIO(ranges.read_text(encoding="utf-8", errors="replace"))))
+def _int_field(value: str, where: str, what: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,6}", value.strip(), re.ASCII):
+        raise ValidationError(f"{where}: {what} {value!r} is not a whole number; copy the file the delivery "
+                              "system wrote")
+    return int(value)
+
+
+def _read_text(case_dir: Path, rel: str) -> str:
+    try:
+        return (case_dir / rel).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise ValidationError(f"{rel} disappeared while the case was being read; wait until the copy is "
+                              "complete, then retry the case") from None
+
+
+def _check_layers(case_dir: Path, folder: str, inv: Inventory, info: dict[str, str]) -> int:
+    """Every layer row in PlanRange.txt names a present, plausible .ptn and .mgn file beside
+    it; returns the number of layers."""
+    where = f"{folder}/PlanRange.txt"
+    if where not in inv.files:
+        raise ValidationError(f"delivery folder {folder} has no PlanRange.txt; copy the complete delivery log")
+    try:
+        reader = csv.DictReader(io.StringIO(_read_text(case_dir, where)))
+        header = reader.fieldnames or []
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error:
+        raise ValidationError(f"{where} is not a readable comma-separated table; copy the file the delivery "
+                              "system wrote") from None
+    needed = [c for c in ("LAYER_NO", *LAYER_FILE_COLUMNS) if c not in header]
+    if needed:
+        raise ValidationError(f"{where} has no header naming {', '.join(needed)}; copy the file the delivery "
+                              "system wrote")
     if not rows:
-        raise ValidationError(f"delivery folder {folder.name}: PlanRange.txt lists no layers")
-    for row in rows:
-        for column in ("SCAN_OUT_FL_NM", "PLAN_SCAN_OUT_FL_NM"):
-            name = (row.get(column) or "").strip()
-            if not name:
-                raise ValidationError(f"delivery folder {folder.name}: PlanRange.txt layer "
-                                      f"{row.get('LAYER_NO')} has no {column}")
-            if not (folder / name).is_file():
-                raise ValidationError(f"delivery folder {folder.name}: layer {row.get('LAYER_NO')} file {name} "
-                                      "is missing; copy the complete delivery log")
-            if name.endswith(".ptn") and (folder / name).stat().st_size % PTN_ROW_BYTES:
-                raise ValidationError(f"delivery folder {folder.name}: {name} is truncated "
-                                      f"(size not a multiple of {PTN_ROW_BYTES} bytes)")
+        raise ValidationError(f"{where} lists no layers; copy the complete delivery log")
+    seen: set[int] = set()
+    for line, row in rows:
+        layer = _int_field(row.get("LAYER_NO") or "", f"{where} line {line}", "LAYER_NO")
+        if layer in seen:
+            raise ValidationError(f"{where} line {line}: layer {layer} is listed twice; copy the file the delivery "
+                                  "system wrote")
+        seen.add(layer)
+        energy = (row.get("LAYER_ENERGY") or "").strip()
+        if "LAYER_ENERGY" in header and not re.fullmatch(r"[0-9]+(\.[0-9]*)?", energy, re.ASCII):
+            raise ValidationError(f"{where} line {line}: LAYER_ENERGY {energy!r} is not a number; copy the file "
+                                  "the delivery system wrote")
+        for column in LAYER_FILE_COLUMNS:
+            _check_layer_file(folder, where, line, column, (row.get(column) or "").strip(), inv)
+    _check_layer_count(where, len(rows), info)
     return len(rows)
 
 
-def read_case(case_dir: Path) -> CaseInfo:
-    """Validate the case; raises ``ValidationError`` with the first problem found."""
-    plan_file, plan = _read_plan(case_dir)
-    beams = {int(b.BeamNumber): b for b in plan.IonBeamSequence}
-    delivered: dict[int, DeliveredBeam] = {}
-    folders = sorted(p for p in case_dir.iterdir() if p.is_dir() and is_delivery_folder(p))
+def _check_layer_file(folder: str, where: str, line: int, column: str, name: str, inv: Inventory) -> None:
+    if not name:
+        raise ValidationError(f"{where} line {line} has no {column}; copy the file the delivery system wrote")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ValidationError(f"{where} line {line}: {column} {shown(name)!r} is not a plain file name; the log "
+                              "may only name files in its own folder")
+    size = inv.files.get(f"{folder}/{name}")
+    if size is None:
+        raise ValidationError(f"delivery folder {folder}: layer file {shown(name)} (named in {where} line {line}) "
+                              "is missing; copy the complete delivery log")
+    if size == 0:
+        raise ValidationError(f"delivery folder {folder}: layer file {name} is empty; copy the complete "
+                              "delivery log")
+    if name.endswith(".ptn") and size % PTN_ROW_BYTES:
+        raise ValidationError(f"delivery folder {folder}: {name} is truncated (size not a multiple of "
+                              f"{PTN_ROW_BYTES} bytes); copy the complete delivery log")
+
+
+def _check_layer_count(where: str, rows: int, info: dict[str, str]) -> None:
+    """PlanInfo.txt's layer range and PlanRange.txt's rows must agree: a short table is a
+    log that was cut off."""
+    start, stop = info.get("START_LAYER_NUMBER"), info.get("STOP_LAYER_NUMBER")
+    if start is None or stop is None:
+        return
+    first = _int_field(start, where.replace("PlanRange", "PlanInfo"), "START_LAYER_NUMBER")
+    last = _int_field(stop, where.replace("PlanRange", "PlanInfo"), "STOP_LAYER_NUMBER")
+    if last - first + 1 != rows:
+        raise ValidationError(f"{where} lists {rows} layers, but PlanInfo.txt says layers {first} to {last} "
+                              "were delivered; copy the complete delivery log")
+
+
+def _beam_number(folder: str, info: dict[str, str]) -> int:
+    raw = info.get("DICOM_BEAM_NUMBER")
+    if raw is None:
+        raise ValidationError(f"{folder}/PlanInfo.txt has no DICOM_BEAM_NUMBER line; copy the file the delivery "
+                              "system wrote")
+    if not re.fullmatch(r"[0-9]{1,6}", raw, re.ASCII):
+        raise ValidationError(f"{folder}/PlanInfo.txt: DICOM_BEAM_NUMBER {raw!r} is not a beam number; copy the "
+                              "file the delivery system wrote")
+    return int(raw)
+
+
+def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
+    """Validate the case; raises ``ValidationError`` with the first problem found. Every
+    folder of the case must be a beam's delivery log: nothing is skipped unannounced."""
+    inv = inventory(case_dir, marker)
+    plan_file, plan, beams = _read_plan(case_dir, inv)
+    folders = sorted(inv.top_folders())
     if not folders:
-        raise ValidationError(f"no delivery log folders (with PlanInfo.txt) in case folder {case_dir.name}")
+        raise ValidationError(f"no delivery log folders (with PlanInfo.txt) in case folder {shown(case_dir.name)}; "
+                              "copy one folder per delivered beam into it")
+    delivered: dict[int, DeliveredBeam] = {}
     for folder in folders:
-        raw = read_plan_info(folder / "PlanInfo.txt").get("DICOM_BEAM_NUMBER", "")
-        if not raw.isdigit():
-            raise ValidationError(f"delivery folder {folder.name}: PlanInfo.txt has no valid DICOM_BEAM_NUMBER "
-                                  f"(found {raw!r})")
-        number = int(raw)
+        if f"{folder}/PlanInfo.txt" not in inv.files:
+            raise ValidationError(f"folder {folder} in the case is not a delivery log: it has no PlanInfo.txt; "
+                                  f"copy the complete delivery log folder, or move {folder} out of the case")
+        info = read_plan_info_text(_read_text(case_dir, f"{folder}/PlanInfo.txt"))
+        number = _beam_number(folder, info)
         beam = beams.get(number)
         if beam is None:
-            raise ValidationError(f"delivery folder {folder.name} names beam {number}, which is not in the plan "
+            raise ValidationError(f"delivery folder {folder} names beam {number}, which is not in the plan "
                                   f"(plan beams: {', '.join(map(str, sorted(beams)))})")
         if beam.get("TreatmentDeliveryType") != "TREATMENT":
-            raise ValidationError(f"delivery folder {folder.name} names beam {number} ({beam.get('BeamName')}), "
+            raise ValidationError(f"delivery folder {folder} names beam {number} ({beam.get('BeamName')}), "
                                   f"a {beam.get('TreatmentDeliveryType')} beam, not a TREATMENT beam")
         if number in delivered:
             raise ValidationError(f"beam {number} has two delivery folders ({delivered[number].folder}, "
-                                  f"{folder.name}); keep the one to recompute")
-        delivered[number] = DeliveredBeam(number, str(beam.get("BeamName", f"beam{number}")), folder.name,
-                                          _check_layers(folder))
-    return CaseInfo(plan_file=plan_file.name, study_uid=str(plan.get("StudyInstanceUID", "")),
+                                  f"{folder}); keep the one to recompute")
+        delivered[number] = DeliveredBeam(number, str(beam.get("BeamName", f"beam{number}")), folder,
+                                          _check_layers(case_dir, folder, inv, info))
+    return CaseInfo(plan_file=plan_file, study_uid=str(plan.get("StudyInstanceUID", "")),
                     machine=str(plan.IonBeamSequence[0].get("TreatmentMachineName", "")),
                     beams=tuple(delivered[n] for n in sorted(delivered)))
 
 
-def case_files(case_dir: Path, marker: str) -> list[str]:
-    """Relative paths of the files that make up the case (the marker is not data). A
-    symbolic link is refused: it could make the worker upload any file it can read."""
-    links = [p for p in case_dir.rglob("*") if p.is_symlink()]
-    if links:
-        raise ValidationError(f"case folder {case_dir.name} contains a symbolic link "
-                              f"({links[0].relative_to(case_dir)}); copy real files instead")
-    return sorted(str(p.relative_to(case_dir)) for p in case_dir.rglob("*")
-                  if p.is_file() and p.name != marker)
-
-
 def manifest(case_dir: Path, marker: str) -> dict[str, str]:
     """SHA-256 of every file of the case, by relative path."""
-    return {rel: file_sha256(case_dir / rel) for rel in case_files(case_dir, marker)}
+    files = inventory(case_dir, marker).files
+    try:
+        return {rel: file_sha256(case_dir / rel) for rel in files}
+    except FileNotFoundError as exc:
+        require_folder(case_dir)
+        raise ValidationError(f"{shown(Path(exc.filename).name)} disappeared while the case was being read; wait "
+                              "until the copy is complete, then retry the case") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -89,9 +89,38 @@ def cases_table(cases: list[Case]) -> Table:
     return table
 
 
+def inbox_table(problems: list[dict]) -> Table:
+    table = Table(title=f"{len(problems)} inbox entr{'y' if len(problems) == 1 else 'ies'} not registered as a case",
+                  expand=True, title_style="yellow")
+    table.add_column("entry (in the inbox)", overflow="fold")
+    table.add_column("why, and what to do", overflow="fold")
+    for p in problems:
+        table.add_row(p["entry"], p["reason"])
+    return table
+
+
+def overview(store) -> Group:
+    """Cases, then what the inbox holds that is not a case (if anything)."""
+    problems = store.inbox_problem_rows()
+    return Group(cases_table(store.list_cases()), *([inbox_table(problems)] if problems else []))
+
+
+@app.command("inbox")
+def inbox(as_json: bool = JsonOpt):
+    """What the inbox holds that is not (yet) a case, and why: links, loose files, empty
+    folders, names that are not UTF-8, cases nested too deep. Updated by every scan."""
+    problems = _store().inbox_problem_rows()
+    if as_json:
+        print(json.dumps(problems, indent=2))
+    elif problems:
+        console.print(inbox_table(problems))
+    else:
+        console.print("every entry of the inbox is a case (or not settled yet)")
+
+
 @cases_app.command("list")
 def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with this status."), as_json: bool = JsonOpt):
-    """All cases, oldest first."""
+    """All cases, oldest first; below them, inbox entries that are not cases (`mqi inbox`)."""
     from .models import CaseStatus
 
     try:
@@ -101,8 +130,11 @@ def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with 
     cases = _store().list_cases(wanted)
     if as_json:
         print(json.dumps([case_dict(c) for c in cases], indent=2))
-    else:
-        console.print(cases_table(cases))
+        return
+    console.print(cases_table(cases))
+    problems = _store().inbox_problem_rows()
+    if problems:
+        console.print(inbox_table(problems))
 
 
 @cases_app.command("show")
@@ -172,9 +204,12 @@ def scan():
     """Scan the inbox once now (normally celery beat does it every few seconds)."""
     from .scanner import scan_once
 
-    _store()
+    store = _store()
     for case_id in scan_once():
         console.print(f"registered {case_id}")
+    problems = store.inbox_problem_rows()
+    if problems:
+        console.print(inbox_table(problems))
 
 
 def _interrupt(*_):
@@ -210,14 +245,14 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
                       f"  Inspect from another terminal: .venv/bin/mqi cases list\n"
                       f"  Worker logs: {settings.paths.logs}/worker.log, control.log   Ctrl-C stops.", highlight=False)
         if live and console.is_terminal:
-            with Live(cases_table(store.list_cases()), console=console, refresh_per_second=2) as view:
+            with Live(overview(store), console=console, refresh_per_second=2) as view:
                 while True:
                     for note in filter(None, (w.check() for w in workers)):
                         console.print(f"[yellow]{note}[/yellow]")
-                    view.update(cases_table(store.list_cases()))
+                    view.update(overview(store))
                     time.sleep(1)
         else:
-            seen: dict[str, tuple] = {}
+            seen: dict = {}
             while True:
                 for note in filter(None, (w.check() for w in workers)):
                     print(note, flush=True)
@@ -228,6 +263,10 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
                         print(f"{c.case_id}: {c.status.value} ({c.step}) "
                               f"{' '.join(f'beam {j.beam} {j.status.value}' for j in c.jobs)}"
                               f"{' - ' + c.error if c.error else ''}", flush=True)
+                for p in store.inbox_problem_rows():
+                    if seen.get(("inbox", p["entry"])) != p["reason"]:
+                        seen[("inbox", p["entry"])] = p["reason"]
+                        print(f"inbox entry {p['entry']} is not a case: {p['reason']}", flush=True)
                 time.sleep(1)
     except KeyboardInterrupt:
         console.print("stopping (letting running tasks finish)…")

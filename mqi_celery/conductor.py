@@ -28,14 +28,14 @@ from celery import chain, group
 from . import case_reader, db, faults, logs, messages, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
-from .errors import MQIError, ValidationError
+from .errors import MQIError, ValidationError, describe
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
 from .models import TERMINAL_CASE, Case, CaseStatus, JobStatus
 from .naming import remote_job_dir
 from .remote_executor import submit_beam
 from .store import NewJob
-from .tasks import PipelineTask, for_case
+from .tasks import PipelineTask, for_case, infrastructure_fault
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,14 @@ def admit(case_id: str) -> bool:
     case_dir = Path(case.path)
     with logs.bound(case.trace_id):
         try:
-            info = case_reader.read_case(case_dir)
+            info = case_reader.read_case(case_dir, settings.scanner.marker)
             files = case_reader.manifest(case_dir, settings.scanner.marker)
-        except (ValidationError, OSError, AttributeError, ValueError, KeyError) as exc:
-            # Not only ValidationError: an unreadable file or a plan missing a tag must fail
-            # the case with a reason too, never leave it NEW for ever.
-            reason = str(exc) if isinstance(exc, ValidationError) else \
-                f"could not read the case folder ({type(exc).__name__}: {exc}); fix it, then `mqi cases retry`"
+        except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the case fails with a reason
+            if infrastructure_fault(exc):
+                raise  # the database is down: the lease runs out, the reconciler validates again
+            if not isinstance(exc, ValidationError):
+                log.warning("case %s: unexpected fault during validation", case_id, exc_info=True)
+            reason = describe(exc, "validation")
             store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason, lease_until=None)
             messages.emit("new_case_found", {"valid": False}, case_id=case_id)
             messages.emit("case_failed", {"reason": reason, "step": "validation"}, case_id=case_id)

@@ -86,6 +86,15 @@ class HostRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+class InboxProblemRow(Base):
+    """Something in the inbox that is not a case, and why (see scanner); kept until the
+    entry is fixed or removed."""
+    __tablename__ = "inbox_problems"
+    entry: Mapped[str] = mapped_column(Text, primary_key=True)  # relative to the inbox, escaped
+    reason: Mapped[str] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class EventRow(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

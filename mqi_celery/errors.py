@@ -7,6 +7,8 @@ case with this reason". ``is_transient`` extends the rule to the library errors 
 """
 from __future__ import annotations
 
+import os
+
 
 class MQIError(Exception):
     """Base of every error the pipeline raises on purpose."""
@@ -63,3 +65,21 @@ def is_transient(exc: BaseException) -> bool:
     # Network-level faults (refused, reset, timed out) are transient; a missing local
     # file or a permission problem is not.
     return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def describe(exc: BaseException, step: str) -> str:
+    """The reason shown to a user for a fault during ``step`` ("upload", "validation", ...):
+    what happened to which file and what to do, never raw exception text (the traceback
+    goes to the log, under the case's correlation id)."""
+    if isinstance(exc, MQIError):
+        return exc.message
+    name = os.path.basename(str(exc.filename)) if isinstance(exc, OSError) and exc.filename else None
+    if isinstance(exc, FileNotFoundError) and name:
+        return f"{step}: {name} is missing (removed while the case was in work?); put it back, then retry the case"
+    if isinstance(exc, PermissionError) and name:
+        return f"{step}: {name} cannot be read (permission denied); let the mqi user read it, then retry the case"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({name})" if name else ""
+        return f"{step}: {exc.strerror.lower()}{where}; fix it, then retry the case"
+    return (f"{step} failed unexpectedly (details in the log, under the case's correlation id); "
+            "retry the case once fixed")

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path, PurePosixPath
 
-from . import faults, messages, runtime
+from . import case_reader, faults, messages, runtime
 from .celery_app import app
 from .errors import MQIError, TransferError
 from .hosts import Host, file_sha256
@@ -85,10 +85,14 @@ def upload_case(self, case_id: str) -> str:
     case = store.begin_step(case_id, "uploading")
     if case is None:
         return "skipped: case no longer active"
-    host = runtime.host()
+    host, case_dir = runtime.host(), Path(case.path)
     started = time.monotonic()
     try:
-        sent = upload_verified(host, Path(case.path), remote_input_dir(host.root, case_id), case.manifest)
+        case_reader.require_folder(case_dir)  # removed after it was registered: say so, send nothing
+        sent = upload_verified(host, case_dir, remote_input_dir(host.root, case_id), case.manifest)
+    except FileNotFoundError:
+        case_reader.require_folder(case_dir)  # the whole case went while it was being sent
+        raise
     except MQIError as exc:
         messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
         raise

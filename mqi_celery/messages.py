@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 COMPONENT = {
     "new_case_found": "scanner",
+    "inbox_entry_refused": "scanner",
     "upload_success": "transfer",
     "upload_failed": "transfer",
     "download_success": "transfer",

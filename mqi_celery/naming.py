@@ -7,10 +7,15 @@ from validated parts so nothing can climb out of the remote root.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import PurePosixPath
 
 SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# POSIX's portable file name characters: what the engine's input file, Slurm and the
+# cluster's shell all take as they are.
+PORTABLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+PORTABLE_HINT = "rename it using only letters, digits, '.', '_' and '-'"
 
 
 def case_id_for(folder_name: str) -> str:
@@ -19,6 +24,27 @@ def case_id_for(folder_name: str) -> str:
     if not cleaned or not SAFE_PART.match(cleaned):
         cleaned = "case-" + hashlib.sha1(folder_name.encode()).hexdigest()[:12]
     return cleaned
+
+
+def shown(name: str) -> str:
+    """A name as it can be printed, stored and logged: bytes that are not UTF-8 (kept by
+    Python as lone surrogates) and control characters appear as escapes like ``\\xff``."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def name_problem(name: str) -> str | None:
+    """What makes a file or folder name inside a case unfit to travel, or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    if PORTABLE_NAME.fullmatch(name):
+        return None
+    if len(name) > 255:
+        return "is longer than 255 characters"
+    bad = next(c for c in name if not PORTABLE_NAME.fullmatch(c))
+    return f"contains {shown(bad)!r}" if bad.isprintable() else f"contains the control character {shown(bad)}"
 
 
 def check_part(part: str, what: str = "path component") -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 
-from . import engine, faults, messages, runtime
+from . import case_reader, engine, faults, messages, runtime
 from .celery_app import app
 from .db import utcnow
 from .models import JobStatus
@@ -47,7 +47,9 @@ def submit_beam(self, case_id: str, beam: int) -> str:
 
 def _write_input(case, job) -> None:
     settings, host = runtime.settings(), runtime.host()
-    plan = next(Path(case.path).glob("RP*.dcm"))
+    case_dir = Path(case.path)
+    case_reader.require_folder(case_dir)  # removed mid-run: the case fails saying so
+    plan = case_dir / case_reader.plan_file(case.manifest)
     machine = str(pydicom.dcmread(plan, stop_before_pixels=True).IonBeamSequence[0].get("TreatmentMachineName", ""))
     job_dir = remote_job_dir(host.root, case.case_id, job.beam)
     text = engine.render_input(settings.engine, case_id=case.case_id, beam=job.beam,

@@ -5,6 +5,12 @@ A case folder is a study folder: it holds an ``RP*.dcm`` plan or delivery folder
 sit at ``<inbox>/<study>/`` or nested as ``<inbox>/<room>/<patient>/<study>/``. It is ready
 when a ``_CASE_READY`` marker exists in it or in a folder above it (inside the inbox), or
 when nothing in it changed for ``scanner.settle_seconds``.
+
+The inbox is a boundary. It is walked without following symbolic links, so every folder
+is registered once, by its real path, and nothing outside is read. Whatever the inbox holds
+that cannot be a case (a link, a loose file, an empty folder, a name that is not UTF-8, a
+case nested too deep) is recorded once as an *inbox problem* with the reason, shown by
+``mqi inbox`` until it is fixed or removed. One such entry never stops the scan of others.
 """
 from __future__ import annotations
 
@@ -12,40 +18,112 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import case_reader, runtime
+from . import case_reader, messages, runtime
 from .celery_app import app
 from .conductor import admit
-from .naming import case_id_for
+from .naming import case_id_for, shown
 
 log = logging.getLogger(__name__)
 
+UNREADABLE_NAME = "its name is not valid UTF-8 text (shown with \\x escapes); rename it using UTF-8 characters"
 
-def candidates(inbox: Path, max_depth: int) -> Iterator[Path]:
-    """Study folders under the inbox, not descending into a case once found."""
-    def walk(folder: Path, depth: int) -> Iterator[Path]:
-        try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        except OSError:
-            return
-        for child in children:
-            if looks_like_case(child):
-                yield child
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the inbox holds: a case folder (``problem`` None) or what is wrong with it."""
+    path: Path
+    problem: str | None = None
+
+
+def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY") -> Iterator[Finding]:
+    """Case folders and problems under the inbox, not descending into a case once found.
+    ``inbox`` must be a real path (no link in it) for the inside/outside judgement."""
+    def walk(folder: Path, depth: int) -> Iterator[Finding]:
+        for entry in _entries(folder, marker):
+            path = Path(entry.path)
+            problem = _not_a_folder(entry, inbox)
+            if problem:
+                yield Finding(path, problem)
+                continue
+            if _undecodable(entry.name):
+                yield Finding(path, UNREADABLE_NAME)
+                continue
+            children = _entries(path, marker)
+            subfolders = [c for c in children if c.is_dir(follow_symlinks=False)]
+            if _looks_like_case(children):
+                yield Finding(path)
+            elif not children:
+                yield Finding(path, "empty folder: nothing to process; copy a case into it or remove it")
+            elif not subfolders:
+                yield Finding(path, "not a case: it holds no RT plan (RP*.dcm) and no delivery log folder "
+                                    "(with PlanInfo.txt); copy the complete case or remove it")
             elif depth < max_depth:
-                yield from walk(child, depth + 1)
+                yield from walk(path, depth + 1)
+            else:
+                yield Finding(path, f"holds folders nested deeper than scanner.max_depth ({max_depth}) levels "
+                                    "below the inbox and no case folder above that; move the case folder up "
+                                    "(<inbox>/<study>/ or <inbox>/<room>/<patient>/<study>/) or raise "
+                                    "scanner.max_depth")
 
     if inbox.is_dir():
         yield from walk(inbox, 1)
 
 
-def looks_like_case(folder: Path) -> bool:
+def _entries(folder: Path, marker: str) -> list[os.DirEntry]:
+    """The folder's entries that matter: hidden ones (``.DS_Store``, partial copies) and
+    the ready marker are not content. A folder that vanished holds nothing."""
     try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return False
-    return any(e.is_file() and e.suffix.lower() == ".dcm" for e in entries) or any(
-        e.is_dir() and case_reader.is_delivery_folder(e) for e in entries)
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".") and e.name != marker),
+                          key=lambda e: os.fsencode(e.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _not_a_folder(entry: os.DirEntry, inbox: Path) -> str | None:
+    """Why a link, a file or a special file cannot be a case; None for a real folder."""
+    if entry.is_symlink():
+        # Judged by where it points, without reading anything there.
+        target = os.path.realpath(entry.path)
+        if not (target == str(inbox) or target.startswith(str(inbox) + os.sep)):
+            return ("symbolic link to a place outside the inbox; only what is really inside the inbox is read: "
+                    "copy the case folder in instead of linking it")
+        if not os.path.exists(target):
+            return "broken symbolic link; remove it"
+        return (f"symbolic link to {shown(os.path.relpath(target, inbox))} inside the inbox, which is scanned at "
+                "its own place; remove the link")
+    if entry.is_dir(follow_symlinks=False):
+        return None
+    if entry.is_file(follow_symlinks=False):
+        return "a file, not a case folder: put each case (its RP*.dcm plan and delivery log folders) in a folder"
+    return "not a file or folder (a pipe, socket or device); remove it"
+
+
+def _undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _looks_like_case(entries: list[os.DirEntry]) -> bool:
+    """A plan file, or a folder that looks like a beam's delivery log (even an incomplete
+    one: validation then says what is missing)."""
+    if any(e.name.lower().endswith(".dcm") for e in entries):
+        return True
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            try:
+                names = set(os.listdir(e.path))
+            except OSError:
+                continue
+            if case_reader.looks_like_delivery_folder(names):
+                return True
+    return False
 
 
 def is_ready(case_dir: Path, inbox: Path, marker: str, settle_seconds: float, now: float | None = None) -> bool:
@@ -56,15 +134,18 @@ def is_ready(case_dir: Path, inbox: Path, marker: str, settle_seconds: float, no
         if folder == inbox or folder.parent == folder:
             break
         folder = folder.parent
-    newest = max((entry.stat().st_mtime for entry in _walk_entries(case_dir)), default=case_dir.stat().st_mtime)
+    newest = max((os.lstat(p).st_mtime for p in _walk_entries(case_dir)), default=0.0)
     return (now or time.time()) - newest >= settle_seconds
 
 
-def _walk_entries(folder: Path) -> Iterator[Path]:
-    yield folder
+def _walk_entries(folder: Path) -> Iterator[str]:
+    """The folder and everything in it, links not followed (a link counts by its own time)."""
+    yield str(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
-            yield Path(root) / name
+            yield os.path.join(root, name)
 
 
 def register(case_dir: Path) -> str | None:
@@ -83,18 +164,51 @@ def register(case_dir: Path) -> str | None:
 
 
 def scan_once() -> list[str]:
+    """Register every ready new case; record what cannot be a case. Returns the new ids."""
+    from .tasks import infrastructure_fault
+
     settings, store = runtime.settings(), runtime.store()
+    inbox = Path(os.path.realpath(settings.paths.inbox))
     known = store.known_paths()
+    recorded = store.inbox_problems()
+    problems: dict[str, str] = {}
+    unsettled: set[str] = set()
     registered = []
-    for case_dir in candidates(settings.paths.inbox, settings.scanner.max_depth):
-        if str(case_dir) in known:
-            continue
-        if not is_ready(case_dir, settings.paths.inbox, settings.scanner.marker, settings.scanner.settle_seconds):
-            continue
-        case_id = register(case_dir)
-        if case_id:
-            registered.append(case_id)
+    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker):
+        where = shown(os.path.relpath(finding.path, inbox))
+        try:
+            if finding.problem is None and str(finding.path) in known:
+                continue
+            if not is_ready(finding.path, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
+                unsettled.add(where)
+                continue
+            if finding.problem is not None:
+                problems[where] = finding.problem
+                continue
+            case_id = register(finding.path)
+            if case_id:
+                registered.append(case_id)
+        except FileNotFoundError:
+            continue  # removed while we looked: nothing left to lose
+        except Exception as exc:  # noqa: BLE001 - one folder must not stop the scan of the others
+            if infrastructure_fault(exc):
+                raise  # the database or broker is down: the whole scan is retried later
+            problems[where] = f"could not be scanned: {getattr(exc, 'strerror', None) or 'unexpected fault'} " \
+                              "(details in the log); fix it or remove it"
+            if recorded.get(where) != problems[where]:  # logged once, not on every scan
+                log.warning("inbox entry %s could not be scanned", where, exc_info=True)
+    _record(problems, unsettled, recorded)
     return registered
+
+
+def _record(problems: dict[str, str], unsettled: set[str], recorded: dict[str, str]) -> None:
+    """Store the inbox problems; each new one is announced once."""
+    keep = {p: r for p, r in recorded.items() if p in unsettled}  # being changed: judged once settled
+    current = {**keep, **problems}
+    if current == recorded:
+        return
+    for where in runtime.store().replace_inbox_problems(current, recorded):
+        messages.emit("inbox_entry_refused", {"entry": where, "reason": current[where]})
 
 
 @app.task(name="mqi.scan_inbox", ignore_result=True)

@@ -274,6 +274,35 @@ class Store:
             row.poll_error, row.updated_at = error[:500], now
             return row.poll_failing_since
 
+    # --- the inbox ---------------------------------------------------------------------
+    def inbox_problems(self) -> dict[str, str]:
+        """What the inbox holds that is not a case, with the reason, by entry."""
+        with self.session() as s:
+            return {r.entry: r.reason for r in s.scalars(select(db.InboxProblemRow).order_by(db.InboxProblemRow.entry))}
+
+    def inbox_problem_rows(self) -> list[dict[str, Any]]:
+        with self.session() as s:
+            return [{"entry": r.entry, "reason": r.reason, "seen_at": r.seen_at.isoformat() + "Z"}
+                    for r in s.scalars(select(db.InboxProblemRow).order_by(db.InboxProblemRow.entry))]
+
+    def replace_inbox_problems(self, current: dict[str, str], recorded: dict[str, str]) -> list[str]:
+        """Make the stored problems ``current`` (``recorded``: what the caller read before);
+        returns the entries that are new or have a new reason. Of two scans racing, the
+        loser changes nothing (the next scan catches up)."""
+        from sqlalchemy import delete
+        from sqlalchemy.exc import IntegrityError
+
+        changed = [e for e, r in current.items() if recorded.get(e) != r]
+        try:
+            with self.session() as s:
+                gone = [e for e in recorded if e not in current or e in changed]
+                if gone:
+                    s.execute(delete(db.InboxProblemRow).where(db.InboxProblemRow.entry.in_(gone)))
+                s.add_all(db.InboxProblemRow(entry=e, reason=current[e], seen_at=db.utcnow()) for e in changed)
+        except IntegrityError:
+            return []
+        return changed
+
     # --- jobs --------------------------------------------------------------------------
     def add_jobs(self, case_id: str, jobs: Iterable[NewJob]) -> None:
         """Create the per-beam jobs once; a repeated call keeps existing rows."""

@@ -13,7 +13,7 @@ from celery import Task, signals
 from celery.exceptions import Ignore, Retry
 
 from . import logs, runtime
-from .errors import ConnectionError_, MQIError, is_transient
+from .errors import ConnectionError_, MQIError, describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ ROUTES = {
     "mqi.cancel_case": {"queue": "conductor"},
     "mqi.report_system_status": {"queue": "curator"},
 }
+
+# How a task's step is named in a reason shown to a user.
+STEP_WORDS = {"mqi.upload_case": "upload", "mqi.download_results": "download of the results",
+              "mqi.submit_beam": "preparing and submitting a beam", "mqi.verify_results": "verification of the results",
+              "mqi.finalize_case": "finishing the case"}
 
 
 class PipelineTask(Task):
@@ -88,8 +93,7 @@ class PipelineTask(Task):
         if infrastructure_fault(exc):
             log.error("%s: %s; case %s is left to the reconciler", self.name, exc, case_id)
             return
-        reason = str(exc) if isinstance(exc, MQIError) else \
-            f"internal error in {self.name}: {type(exc).__name__}: {exc}"
+        reason = describe(exc, STEP_WORDS.get(self.name, self.name))
         try:
             self.app.send_task("mqi.stop_case", (case_id, reason))
         except Exception as send_exc:  # noqa: BLE001 - the reconciler comes back to the case

@@ -24,7 +24,7 @@ def test_real_case_is_valid(tmp_path):
     (lambda c: next((c / BEAMS[4]).glob("*.mgn")).unlink(), "is missing"),
     (lambda c: (c / BEAMS[2] / "PlanRange.txt").unlink(), "has no PlanRange.txt"),
     (lambda c: sorted((c / BEAMS[2]).glob("*.ptn"))[0].write_bytes(b"x" * 17), "is truncated"),
-    (lambda c: [(c / f / "PlanInfo.txt").unlink() for f in BEAMS.values()], "no delivery log folders"),
+    (lambda c: [(c / f / "PlanInfo.txt").unlink() for f in BEAMS.values()], "it has no PlanInfo.txt"),
 ])
 def test_invalid_cases_are_named_precisely(tmp_path, breaks, message):
     case = make_case(tmp_path)

@@ -52,7 +52,7 @@ def test_upgrade_from_the_first_schema_resumes_unfinished_cases(kind, tmp_path):
                         "VALUES (:c, :b, 'b', 'd', :s, '{}', '2026-01-01')"), {"c": case_id, "b": beam, "s": job_status})
         db.migrate(engine)
         tables = inspect(engine).get_table_names()
-        assert {"cases", "jobs", "events", "hosts", "alembic_version"} <= set(tables)
+        assert {"cases", "jobs", "events", "hosts", "inbox_problems", "alembic_version"} <= set(tables)
         store = Store(engine)
         stages = {c: store.get_case(c).stage for c, _, _ in OLD_CASES}
         assert stages == {"queued": "upload", "uploading": "upload", "running": "run", "halfway": "submit",
@@ -63,5 +63,5 @@ def test_upgrade_from_the_first_schema_resumes_unfinished_cases(kind, tmp_path):
         job = store.get_job("running", 2)
         assert (job.resubmits, job.judge_attempts) == (0, 0)
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
         engine.dispose()

@@ -3,16 +3,19 @@ import time
 
 from mqi_celery import runtime
 from mqi_celery.models import CaseStatus
-from mqi_celery.scanner import candidates, is_ready, scan_once
+from mqi_celery.scanner import is_ready, scan_once, survey
 from tests.casegen import make_case
 
 
-def test_candidates_flat_and_nested(tmp_path):
+def cases_in(inbox, max_depth):
+    return sorted(f.path for f in survey(inbox, max_depth) if f.problem is None)
+
+
+def test_survey_finds_flat_and_nested_cases(tmp_path):
     flat = make_case(tmp_path, "study_a")
     nested = make_case(tmp_path / "G2" / "12345", "study_b")
-    (tmp_path / "empty" / "deeper").mkdir(parents=True)
-    assert sorted(candidates(tmp_path, 3)) == sorted([flat, nested])
-    assert list(candidates(tmp_path, 1)) == [flat]
+    assert cases_in(tmp_path, 3) == sorted([flat, nested])
+    assert cases_in(tmp_path, 1) == [flat]
 
 
 def test_marker_in_case_or_above_makes_it_ready(tmp_path):
@@ -79,10 +82,12 @@ def test_retry_validates_a_fixed_case_again(config_file, monkeypatch):
 
 
 def test_an_unreadable_case_fails_with_a_reason_instead_of_staying_new(config_file, monkeypatch):
-    def broken(_path):
-        raise PermissionError(13, "Permission denied")
+    def broken(path, _marker):
+        raise PermissionError(13, "Permission denied", str(path / "RP.plan.dcm"))
     monkeypatch.setattr("mqi_celery.case_reader.read_case", broken)
     make_case(runtime.settings().paths.inbox, "locked", marker=True)
     assert scan_once() == ["locked"]
     case = runtime.store().get_case("locked")
-    assert case.status is CaseStatus.FAILED and "could not read the case folder" in case.error
+    assert case.status is CaseStatus.FAILED
+    assert case.error == ("validation: RP.plan.dcm cannot be read (permission denied); let the mqi user read it, "
+                          "then retry the case")
