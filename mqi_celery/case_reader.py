@@ -102,7 +102,7 @@ def inventory(case_dir: Path, marker: str) -> Inventory:
                 raise ValidationError(f"the name of {where} {problem}; {PORTABLE_HINT}")
             if entry.is_dir(follow_symlinks=False):
                 if depth + 1 >= MAX_DEPTH_IN_CASE:
-                    raise ValidationError(f"{where} is nested {depth + 2} folders deep inside the case; "
+                    raise ValidationError(f"{where} is nested {depth + 1} folders deep inside the case; "
                                           "a case holds its plan and one flat folder per delivered beam")
                 folders.append(str(rel / entry.name))
                 walk(Path(entry.path), rel / entry.name, depth + 1)
@@ -167,8 +167,8 @@ def _read_plan(case_dir: Path, inv: Inventory):
 def _plan_beams(name: str, ds) -> dict:
     """The plan's ion beams by number, once the plan is known to be whole."""
     if ds.get("Modality") != "RTPLAN" or "IonBeamSequence" not in ds:
-        raise ValidationError(f"{name} is not an RT Ion plan (Modality {ds.get('Modality')!r}, no IonBeamSequence); "
-                              "export the RT Ion plan")
+        found = f"Modality {ds.get('Modality')!r}" if ds.get("Modality") != "RTPLAN" else "no IonBeamSequence"
+        raise ValidationError(f"{name} is not an RT Ion plan ({found}); export the RT Ion plan")
     beams = {}
     for i, beam in enumerate(ds.IonBeamSequence, start=1):
         raw = str(beam.get("BeamNumber", "")).strip()
@@ -303,10 +303,12 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
         beam = beams.get(number)
         if beam is None:
             raise ValidationError(f"delivery folder {folder} names beam {number}, which is not in the plan "
-                                  f"(plan beams: {', '.join(map(str, sorted(beams)))})")
-        if beam.get("TreatmentDeliveryType") != "TREATMENT":
+                                  f"(plan beams: {', '.join(map(str, sorted(beams)))}); the log and the plan "
+                                  "must be of the same treatment: copy the matching one")
+        kind = beam.get("TreatmentDeliveryType") or "unspecified"
+        if kind != "TREATMENT":
             raise ValidationError(f"delivery folder {folder} names beam {number} ({beam.get('BeamName')}), "
-                                  f"a {beam.get('TreatmentDeliveryType')} beam, not a TREATMENT beam")
+                                  f"a {kind} beam, not a TREATMENT beam; remove that folder from the case")
         if number in delivered:
             raise ValidationError(f"beam {number} has two delivery folders ({delivered[number].folder}, "
                                   f"{folder}); keep the one to recompute")

@@ -93,6 +93,8 @@ def _not_a_folder(entry: os.DirEntry, inbox: Path) -> str | None:
                     "copy the case folder in instead of linking it")
         if not os.path.exists(target):
             return "broken symbolic link; remove it"
+        if target == str(inbox):
+            return "symbolic link to the inbox itself (a loop); remove the link"
         return (f"symbolic link to {shown(os.path.relpath(target, inbox))} inside the inbox, which is scanned at "
                 "its own place; remove the link")
     if entry.is_dir(follow_symlinks=False):

@@ -31,10 +31,3 @@ def make_case(parent: Path, name: str = STUDY_UID, *, rows_per_layer: int = 8, m
     if marker:
         (case / "_CASE_READY").touch()
     return case
-
-
-def set_beam_number(case: Path, folder: str, number: int) -> None:
-    info = case / folder / "PlanInfo.txt"
-    lines = [f"DICOM_BEAM_NUMBER,{number}" if line.startswith("DICOM_BEAM_NUMBER") else line
-             for line in info.read_text().splitlines()]
-    info.write_text("\r\n".join(lines) + "\r\n")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 
 import pydicom
 import pytest
 
-from tests.casegen import STUDY_UID, make_case, set_beam_number
+from tests.casegen import STUDY_UID, make_case
 from tests.conftest import group_alive as _group_alive, poll_until
 
 PATIENT_NAME = "ANONYMIZED"  # the plan's patient name: must never reach a log or an event
@@ -66,38 +65,6 @@ def test_case_without_marker_completes_after_settling(embedded):
     case = run.wait_case(STUDY_UID, timeout=60)
     assert_completed_with_results(run, case)
     assert case["path"] == str(run.inbox / "G2" / "55061194" / STUDY_UID)
-
-
-def test_invalid_cases_fail_with_reasons_and_do_not_block_a_valid_one(embedded):
-    run = embedded()
-    no_plan = make_case(run.inbox, "no_plan")
-    for plan in no_plan.glob("RP*.dcm"):
-        plan.unlink()
-    two_plans = make_case(run.inbox, "two_plans")
-    plan = next(two_plans.glob("RP*.dcm"))
-    shutil.copyfile(plan, two_plans / "RP.second.dcm")
-    setup_beam = make_case(run.inbox, "setup_beam")
-    set_beam_number(setup_beam, "2025042401440800", 1)
-    absent_beam = make_case(run.inbox, "absent_beam")
-    set_beam_number(absent_beam, "2025042401440800", 9)
-    unreadable = make_case(run.inbox, "unreadable")
-    next(unreadable.glob("RP*.dcm")).write_bytes(b"not a dicom file at all")
-    make_case(run.inbox, "valid")
-    for folder in run.inbox.iterdir():
-        (folder / "_CASE_READY").touch()
-
-    expected = {
-        "no_plan": "no RT plan",
-        "two_plans": "2 RT plans",
-        "setup_beam": "names beam 1 (SETUP), a SETUP beam, not a TREATMENT beam",
-        "absent_beam": "names beam 9, which is not in the plan",
-        "unreadable": "is not a readable DICOM file",
-    }
-    for case_id, reason in expected.items():
-        case = run.wait_case(case_id, timeout=60)
-        assert case["status"] == "FAILED" and reason in case["error"], case["error"]
-        assert case["jobs"] == [] or all(j["status"] == "PENDING" for j in case["jobs"])
-    assert_completed_with_results(run, run.wait_case("valid", timeout=60))
 
 
 ENGINE_WRAPPER = """#!/bin/sh
@@ -216,6 +183,6 @@ def test_a_step_that_fails_for_good_fails_the_case_with_its_reason(embedded, tmp
     make_case(run.inbox, "blocked", marker=True)
     case = run.wait_case("blocked", timeout=60)
     assert case["status"] == "FAILED"
-    assert "internal error in mqi.upload_case" in case["error"] and "NotADirectoryError" in case["error"]
+    assert case["error"] == "upload: not a directory (remote); fix it, then retry the case"
     assert all(j["status"] == "FAILED" for j in case["jobs"])
     assert [e["command"] for e in case["events"]][-1] == "case_failed"

@@ -1,0 +1,211 @@
+"""The malformed-case corpus (tests/fixtures/bad_cases/corpus.yaml): one test per case at
+the level that decides it, a case that vanishes mid-run, and the whole corpus at once
+through the embedded pipeline. Every entry ends as a physicist would expect: a failed
+case or an inbox entry with a reason that names the file and the fix; nothing outside the
+inbox is read; nothing is registered twice; the valid cases beside them go on."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from mqi_celery import runtime
+from mqi_celery.errors import ValidationError
+from mqi_celery.models import CaseStatus
+from mqi_celery.naming import case_id_for, shown
+from mqi_celery.scanner import scan_once
+from tests.bad_cases import BadCase, load
+from tests.casegen import make_case
+from tests.conftest import poll_until
+
+CORPUS = load()
+VALID = next(b for b in CORPUS if b.name == "valid_flat")
+# What a reason must never show: raw exception text.
+RAW_EXCEPTION = re.compile(r"internal error|Traceback|\b[A-Za-z]*(Error|Exception)\b|Errno")
+
+# Every file or folder this process opens or lists while recording (audit hooks cannot be
+# removed, so one hook serves every test and records only when asked).
+_reads: list | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _reads is not None and event in ("open", "os.scandir", "os.listdir") and args and \
+            isinstance(args[0], (str, bytes, os.PathLike)):
+        _reads.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def read_outside(inbox: Path, action) -> list[str]:
+    """Runs ``action``; returns every path it opened or listed that lies outside the inbox
+    folder (links resolved), ignoring what the pipeline owns (database, results, logs)."""
+    global _reads
+    _reads = []
+    try:
+        action()
+        reads, _reads = _reads, None
+    finally:
+        _reads = None
+    outside = Path(os.path.realpath(inbox.parent / "outside"))
+    return sorted({r for r in reads if Path(os.path.realpath(r)).is_relative_to(outside)})
+
+
+def assert_reason(reason: str | None, bad: BadCase) -> None:
+    assert reason, f"{bad.name}: no reason given"
+    for part in bad.reason_parts():
+        assert part in reason, f"{bad.name}: {part!r} not in {reason!r}"
+    assert not RAW_EXCEPTION.search(reason), f"{bad.name}: raw exception text in {reason!r}"
+
+
+@pytest.mark.parametrize("bad", CORPUS, ids=lambda b: b.name)
+def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
+    """Scan (which validates what it registers) the entry beside a valid case."""
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    for entry in ([bad] if bad is VALID else [bad, VALID]):
+        entry.build(inbox)
+    (inbox / "_CASE_READY").touch()
+
+    registered: list[str] = []
+    assert read_outside(inbox, lambda: registered.extend(scan_once())) == []
+    assert read_outside(inbox, lambda: registered.extend(scan_once())) == []  # a second scan adds nothing
+
+    cases = store.list_cases()
+    assert len({c.path for c in cases}) == len(cases) == len(registered) == (2 if bad.registers and bad is not VALID
+                                                                              else 1)
+    assert store.get_case("valid_flat").status is CaseStatus.QUEUED
+    refused = store.inbox_problems()
+    if bad.registers:
+        case = store.get_case(case_id_for(Path(bad.path).name))
+        assert case.status.value == {"FAILED": "FAILED", "COMPLETED": "QUEUED"}[bad.expect["status"]]
+        if bad.expect["status"] == "FAILED":
+            assert_reason(case.error, bad)
+        assert refused == {}
+    else:
+        entry = shown(bad.entry or bad.path)
+        assert list(refused) == [entry]
+        assert_reason(refused[entry], bad)
+        announced = [e for e in _inbox_events(store) if e["entry"] == entry]
+        assert len(announced) == 1, "an inbox problem is announced once, not on every scan"
+
+
+def _inbox_events(store) -> list[dict]:
+    from sqlalchemy import select
+
+    from mqi_celery import db
+
+    with store.session() as s:
+        return [r.payload for r in s.scalars(select(db.EventRow).where(db.EventRow.command == "inbox_entry_refused"))]
+
+
+def test_a_fixed_inbox_entry_is_no_longer_reported(config_file, monkeypatch):
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    (inbox / "late_case").mkdir(parents=True)
+    (inbox / "_CASE_READY").touch()
+    scan_once()
+    assert list(store.inbox_problems()) == ["late_case"]
+    shutil.rmtree(inbox / "late_case")
+    make_case(inbox, "late_case")  # the copy arrives
+    assert scan_once() == ["late_case"]
+    assert store.inbox_problems() == {}
+
+
+def test_one_entry_that_breaks_the_scan_is_recorded_once_and_the_others_go_on(config_file, monkeypatch, caplog):
+    import mqi_celery.scanner as scanner
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    real_is_ready = scanner.is_ready
+
+    def is_ready(path, *args, **kwargs):
+        if path.name == "a_cursed":
+            raise RuntimeError("a fault nobody foresaw")
+        return real_is_ready(path, *args, **kwargs)
+
+    monkeypatch.setattr(scanner, "is_ready", is_ready)
+    inbox = runtime.settings().paths.inbox
+    make_case(inbox, "a_cursed", marker=True)
+    make_case(inbox, "b_fine", marker=True)
+    with caplog.at_level("WARNING", logger="mqi_celery.scanner"):
+        assert scan_once() == ["b_fine"]
+        assert scan_once() == []
+    problems = runtime.store().inbox_problems()
+    assert problems == {"a_cursed": "could not be scanned: unexpected fault (details in the log); fix it or remove it"}
+    assert [r.message for r in caplog.records] == ["inbox entry a_cursed could not be scanned"]  # once, not per scan
+
+
+# --- input preparation: a case that vanishes mid-run -----------------------------------------
+def _admitted_case(inbox: Path) -> str:
+    make_case(inbox, "vanishing", marker=True)
+    [case_id] = scan_once()
+    return case_id
+
+
+def test_a_case_removed_before_upload_fails_saying_so(config_file, monkeypatch):
+    from mqi_celery.file_transfer import upload_case
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    case_id = _admitted_case(runtime.settings().paths.inbox)
+    shutil.rmtree(runtime.settings().paths.inbox / "vanishing")
+    with pytest.raises(ValidationError) as err:
+        upload_case(case_id)
+    assert str(err.value).startswith("the case folder vanishing was removed (or renamed) from the inbox; put it back")
+
+
+def test_a_case_removed_after_upload_fails_saying_so_when_its_input_is_prepared(config_file, monkeypatch):
+    from mqi_celery.file_transfer import upload_case
+    from mqi_celery.remote_executor import submit_beam
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    case_id = _admitted_case(runtime.settings().paths.inbox)
+    assert upload_case(case_id) == "uploaded"
+    shutil.rmtree(runtime.settings().paths.inbox / "vanishing")
+    with pytest.raises(ValidationError, match="the case folder vanishing was removed"):
+        submit_beam(case_id, 2)
+    assert runtime.store().get_job(case_id, 2).remote_id is None  # nothing was submitted
+
+
+# --- everything at once, as a user would drop it ----------------------------------------------
+@pytest.mark.timeout(600)
+def test_the_whole_corpus_at_once_through_the_embedded_pipeline(embedded, tmp_path):
+    inbox = tmp_path / "inbox"  # the embedded run's inbox: everything is there when it starts
+    for bad in CORPUS:
+        bad.build(inbox)
+    (inbox / "_CASE_READY").touch()
+    run = embedded()
+
+    registering = {case_id_for(Path(b.path).name): b for b in CORPUS if b.registers}
+    refused = {shown(b.entry or b.path): b for b in CORPUS if not b.registers}
+
+    def settled():
+        cases = run.mqi_json("cases", "list")
+        done = [c for c in cases if c["status"] in ("COMPLETED", "FAILED")]
+        problems = run.mqi_json("inbox")
+        return (cases, problems) if len(done) == len(registering) and len(problems) == len(refused) else None
+
+    cases, problems = poll_until(settled, 420, interval=2, what="every corpus case to finish")
+    assert len(cases) == len(registering) == len({c["path"] for c in cases})  # nothing registered twice
+    outside = str(run.folder / "outside")
+    assert not [c for c in cases if c["path"].startswith(outside)]
+    by_id = {c["case_id"]: c for c in cases}
+    assert set(by_id) == set(registering)
+    for case_id, bad in registering.items():
+        case = by_id[case_id]
+        assert case["status"] == bad.expect["status"], (bad.name, case["error"])
+        if case["status"] == "FAILED":
+            assert_reason(case["error"], bad)
+    assert {p["entry"] for p in problems} == set(refused)
+    for p in problems:
+        assert_reason(p["reason"], refused[p["entry"]])
+    # Nothing from outside the inbox reached the "cluster".
+    remote = run.folder / "remote"
+    assert "must never be read" not in "".join(
+        f.read_text(errors="replace") for f in remote.rglob("*") if f.is_file() and f.stat().st_size < 100)
+    listing = run.mqi("cases", "list").stdout
+    assert "not registered as a case" in listing and "empty_folder" in listing
+    assert run.stop() == 0
