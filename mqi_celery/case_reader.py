@@ -176,11 +176,16 @@ def _plan_beams(name: str, ds) -> dict:
             raise ValidationError(f"RT plan {name}: ion beam #{i} ({beam.get('BeamName', 'unnamed')}) has "
                                   f"{'no BeamNumber' if not raw else f'BeamNumber {raw!r}, not a number'}; "
                                   "export the plan again from the planning system")
+        if int(raw) in beams:
+            raise ValidationError(f"RT plan {name} numbers two ion beams {int(raw)}; export the plan again from "
+                                  "the planning system")
         points, expected = len(beam.get("IonControlPointSequence", [])), beam.get("NumberOfControlPoints")
         if expected is not None and points != int(expected):
             raise ValidationError(f"RT plan {name} is incomplete: beam {raw} has {points} of its {int(expected)} "
                                   "control points (the file was cut short); export it again")
         beams[int(raw)] = beam
+    if not beams:
+        raise ValidationError(f"RT plan {name} holds no ion beams; export the RT Ion plan with its beams")
     referenced = {int(ref.ReferencedBeamNumber) for group in ds.get("FractionGroupSequence", [])
                   for ref in group.get("ReferencedBeamSequence", []) if "ReferencedBeamNumber" in ref}
     missing = sorted(referenced - set(beams))
@@ -284,6 +289,19 @@ def _beam_number(folder: str, info: dict[str, str]) -> int:
     return int(raw)
 
 
+def _check_same_treatment(folder: str, info: dict[str, str], plan) -> None:
+    """A log of another patient or study beside this plan would be recomputed against the
+    wrong plan. (Patient ids are compared, never shown.)"""
+    patient, plan_patient = info.get("DICOM_PATIENT_ID"), str(plan.get("PatientID", "")).strip()
+    if patient and plan_patient and patient != plan_patient:
+        raise ValidationError(f"{folder}/PlanInfo.txt is of another patient than the RT plan (its "
+                              "DICOM_PATIENT_ID is not the plan's Patient ID); copy this patient's delivery log")
+    study, plan_study = info.get("DICOM_STUDY_INS_UID"), str(plan.get("StudyInstanceUID", "")).strip()
+    if study and plan_study and study != plan_study:
+        raise ValidationError(f"{folder}/PlanInfo.txt is of study {shown(study)}, but the RT plan is of study "
+                              f"{shown(plan_study)}; copy the delivery log of this plan's study")
+
+
 def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
     """Validate the case; raises ``ValidationError`` with the first problem found. Every
     folder of the case must be a beam's delivery log: nothing is skipped unannounced."""
@@ -300,6 +318,7 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
                                   f"copy the complete delivery log folder, or move {folder} out of the case")
         info = read_plan_info_text(_read_text(case_dir, f"{folder}/PlanInfo.txt"))
         number = _beam_number(folder, info)
+        _check_same_treatment(folder, info, plan)
         beam = beams.get(number)
         if beam is None:
             raise ValidationError(f"delivery folder {folder} names beam {number}, which is not in the plan "

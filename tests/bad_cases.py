@@ -132,7 +132,10 @@ def _edit_plan(plan: Path, change: dict) -> None:
     ds = pydicom.dcmread(plan)
     if "beam" in change:
         beam = ds.IonBeamSequence[change["beam"] - 1]
-        delattr(beam, change["delete"])
+        if "delete" in change:
+            delattr(beam, change["delete"])
+        else:
+            setattr(beam, change["set"], change["value"])
     else:
         setattr(ds, change["set"], change["value"])
     ds.save_as(plan)

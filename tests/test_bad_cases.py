@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mqi_celery import runtime
+from mqi_celery.case_reader import manifest, read_case
 from mqi_celery.errors import ValidationError
 from mqi_celery.models import CaseStatus
 from mqi_celery.naming import case_id_for, shown
@@ -62,14 +63,32 @@ def assert_reason(reason: str | None, bad: BadCase) -> None:
     assert not RAW_EXCEPTION.search(reason), f"{bad.name}: raw exception text in {reason!r}"
 
 
+def validation_of(case_dir: Path) -> ValidationError | None:
+    """What the validator says of a case folder (None: valid), as the conductor asks it."""
+    try:
+        read_case(case_dir, "_CASE_READY")
+        manifest(case_dir, "_CASE_READY")
+    except ValidationError as exc:
+        return exc
+    return None
+
+
 @pytest.mark.parametrize("bad", CORPUS, ids=lambda b: b.name)
 def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
-    """Scan (which validates what it registers) the entry beside a valid case."""
+    """The validator's verdict on its own (for validator-level entries), then a scan (which
+    validates what it registers) of the entry beside a valid case."""
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
     store, inbox = runtime.store(), runtime.settings().paths.inbox
     for entry in ([bad] if bad is VALID else [bad, VALID]):
         entry.build(inbox)
     (inbox / "_CASE_READY").touch()
+    if bad.decided_by == "validator":
+        verdict: list = []
+        assert read_outside(inbox, lambda: verdict.append(validation_of(inbox / bad.path))) == []
+        if bad.expect["status"] == "FAILED":
+            assert_reason(str(verdict[0]), bad)
+        else:
+            assert verdict == [None]
 
     registered: list[str] = []
     assert read_outside(inbox, lambda: registered.extend(scan_once())) == []
