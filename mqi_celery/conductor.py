@@ -272,14 +272,15 @@ def _retry(case: Case) -> Case:
                          only_from={CaseStatus.COMPLETED, CaseStatus.FAILED}) is None:
         raise MQIError(f"case {case_id} is being retried already")
     messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
-    if case.step == "validation" or not case.jobs:  # the folder may have been fixed: validate again
-        admit(case_id)
-        return store.get_case(case_id)
     failed = [j for j in case.jobs if j.status is JobStatus.FAILED]
     for job in failed:
         store.update_job(case_id, job.beam, status=JobStatus.PENDING, error=None, step=None, remote_id=None,
                          remote_state=None, exit_code=None, submitted_at=None, started_at=None,
                          finished_at=None, resubmits=0, judge_attempts=0, results={})
+    if case.step == "validation" or not case.jobs or case.stage in (None, "upload"):
+        # Nothing uploaded yet, and the folder may have been fixed: validate it again.
+        admit(case_id)
+        return store.get_case(case_id)
     # Beams to run again: from the upload (it re-verifies the remote copy, sending only
     # what differs); all beams done: only their results are collected again.
     store.update_case(case_id, stage="upload" if failed or case.stage in (None, "upload") else "collect")

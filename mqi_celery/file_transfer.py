@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from . import case_reader, faults, messages, runtime
 from .celery_app import app
-from .errors import MQIError, TransferError
+from .errors import MQIError, TransferError, ValidationError
 from .hosts import Host, file_sha256
 from .models import JobStatus
 from .naming import remote_input_dir, remote_output_dir
@@ -35,6 +35,10 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
     sent = host.put_tree(local_dir, staging, todo)
     faults.point("upload_sent")  # crash tests: the files are there, not yet verified
     bad = _mismatches(host, staging, manifest)
+    changed = [rel for rel in bad if not (local_dir / rel).is_file() or file_sha256(local_dir / rel) != manifest[rel]]
+    if changed:  # not the transfer's fault: sending it again would not help
+        raise ValidationError(f"{changed[0]} changed in the case folder after the case was validated (was it still "
+                              "being copied?); retry the case to validate it again")
     if bad:
         raise TransferError(f"{len(bad)} file(s) differ from the case manifest after upload "
                             f"(first: {bad[0]}); the case will be uploaded again")

@@ -228,3 +228,23 @@ def test_the_whole_corpus_at_once_through_the_embedded_pipeline(embedded, tmp_pa
     listing = run.mqi("cases", "list").stdout
     assert "not registered as a case" in listing and "empty_folder" in listing
     assert run.stop() == 0
+
+
+def test_a_case_changed_after_validation_fails_its_upload_and_a_retry_validates_it_again(config_file, monkeypatch):
+    from mqi_celery.conductor import fail_case, retry_case
+    from mqi_celery.file_transfer import upload_case
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    inbox = runtime.settings().paths.inbox
+    case_id = _admitted_case(inbox)
+    (inbox / "vanishing" / "notes.txt").write_text("added after validation")
+    plan = next((inbox / "vanishing").glob("RP*.dcm"))
+    plan.write_bytes(plan.read_bytes() + b"\0\0")  # re-exported meanwhile
+    with pytest.raises(ValidationError) as err:
+        upload_case(case_id)
+    assert str(err.value) == (f"{plan.name} changed in the case folder after the case was validated (was it still "
+                              "being copied?); retry the case to validate it again")
+    fail_case(case_id, str(err.value))  # what the failed task's stop_case does
+    assert retry_case(case_id).status is CaseStatus.QUEUED
+    assert "notes.txt" in runtime.store().get_case(case_id).manifest
+    assert upload_case(case_id) == "uploaded"

@@ -1,13 +1,14 @@
 """MOQUI input and outcome rules; the direct scheduler on a real local process; transfers
 against LocalHost (the SSH host passes the same contract in test_ssh_host.py)."""
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 import pytest
 
 from mqi_celery import engine, moqui_input
 from mqi_celery.config import Engine
-from mqi_celery.errors import TransferError
+from mqi_celery.errors import TransferError, ValidationError
 from mqi_celery.file_transfer import download_verified, upload_verified
 from mqi_celery.case_reader import manifest
 from mqi_celery.hosts import LocalHost
@@ -104,11 +105,12 @@ def test_upload_is_verified_and_resends_only_differences(tmp_path):
     assert host.sha256(dest, sorted(files)) == files
 
 
-def test_upload_mismatch_is_a_transfer_error(tmp_path):
+def test_a_case_changed_after_validation_fails_its_upload_saying_so(tmp_path):
     case = make_case(tmp_path / "local")
     files = manifest(case, "_CASE_READY")
-    files[sorted(files)[0]] = "0" * 64  # the case changed after it was registered
-    with pytest.raises(TransferError, match="differ from the case manifest"):
+    changed = sorted(files)[0]
+    (case / changed).write_bytes(b"a newer export")
+    with pytest.raises(ValidationError, match=f"^{re.escape(changed)} changed in the case folder after the case"):
         upload_verified(LocalHost(tmp_path / "remote"), case, PurePosixPath(tmp_path / "remote" / "in"), files)
 
 

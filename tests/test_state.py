@@ -153,7 +153,7 @@ def test_two_retries_at_once_only_one_runs(config_file):
 
     store = runtime.store()
     _queued_case(store)
-    store.update_case("c1", status=CaseStatus.FAILED, step="finished", error="beam 2 failed")
+    store.update_case("c1", status=CaseStatus.FAILED, step="finished", stage="collect", error="beam 2 failed")
     snapshot = store.get_case("c1")  # what both the CLI and Flower read
     assert _retry(snapshot).status is CaseStatus.QUEUED
     with pytest.raises(MQIError, match="being retried already"):
