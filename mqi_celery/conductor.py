@@ -32,7 +32,7 @@ from .errors import MQIError, ValidationError, describe
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
 from .models import TERMINAL_CASE, Case, CaseStatus, JobStatus
-from .naming import remote_job_dir
+from .naming import remote_job_dir, shown
 from .remote_executor import submit_beam
 from .store import NewJob
 from .tasks import PipelineTask, for_case, infrastructure_fault
@@ -172,8 +172,12 @@ def finalize_case(self, case_id: str) -> str:
     failed = [j for j in case.jobs if j.status is not JobStatus.COMPLETED]
     faults.point("before_finalize")
     _write_report(case)
-    if failed:
-        reason = "; ".join(f"beam {j.beam} ({j.beam_name}): {j.error or j.status.value}" for j in failed)
+    reasons = [f"beam {j.beam} ({j.beam_name}): {j.error or j.status.value}" for j in failed]
+    if not Path(case.path).is_dir():  # withdrawn while it ran: not a result to sign off
+        reasons.insert(0, case_reader.CASE_REMOVED.format(name=shown(Path(case.path).name)) +
+                       " (the results of the beams that ran are kept)")
+    if reasons:
+        reason = "; ".join(reasons)
         if store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None,
                              only_from={CaseStatus.PROCESSING}) is None:
             return "skipped: finalized meanwhile"

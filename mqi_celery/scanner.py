@@ -4,7 +4,8 @@ exactly once and hands it to the Conductor, which validates and dispatches it.
 A case folder is a study folder: it holds an ``RP*.dcm`` plan or delivery folders. It may
 sit at ``<inbox>/<study>/`` or nested as ``<inbox>/<room>/<patient>/<study>/``. It is ready
 when a ``_CASE_READY`` marker exists in it or in a folder above it (inside the inbox), or
-when nothing in it changed for ``scanner.settle_seconds``.
+when nothing in it changed for ``scanner.settle_seconds``; until then ``mqi inbox`` lists
+it as waiting.
 
 The inbox is a boundary. It is walked without following symbolic links, so every folder
 is registered once, by its real path, and nothing outside is read. Whatever the inbox holds
@@ -28,6 +29,8 @@ from .naming import case_id_for, shown
 
 log = logging.getLogger(__name__)
 
+WAITING = ("not registered yet: waiting until nothing in it has changed for scanner.settle_seconds "
+           "({seconds:g} s), or until a {marker} file is put in it")
 UNREADABLE_NAME = "its name is not valid UTF-8 text (shown with \\x escapes); rename it using UTF-8 characters"
 
 
@@ -174,7 +177,8 @@ def scan_once() -> list[str]:
     known = store.known_paths()
     recorded = store.inbox_problems()
     problems: dict[str, str] = {}
-    unsettled: set[str] = set()
+    unsettled: dict[str, str] = {}  # entry -> what to show while it settles
+    waiting = WAITING.format(seconds=settings.scanner.settle_seconds, marker=settings.scanner.marker)
     registered = []
     for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker):
         where = shown(os.path.relpath(finding.path, inbox))
@@ -182,7 +186,8 @@ def scan_once() -> list[str]:
             if finding.problem is None and str(finding.path) in known:
                 continue
             if not is_ready(finding.path, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
-                unsettled.add(where)
+                # Still being copied, maybe: shown as waiting; a problem seen before stays as it was.
+                unsettled[where] = recorded.get(where, waiting) if finding.problem else waiting
                 continue
             if finding.problem is not None:
                 problems[where] = finding.problem
@@ -199,18 +204,18 @@ def scan_once() -> list[str]:
                               "(details in the log); fix it or remove it"
             if recorded.get(where) != problems[where]:  # logged once, not on every scan
                 log.warning("inbox entry %s could not be scanned", where, exc_info=True)
-    _record(problems, unsettled, recorded)
+    _record({**unsettled, **problems}, recorded, waiting)
     return registered
 
 
-def _record(problems: dict[str, str], unsettled: set[str], recorded: dict[str, str]) -> None:
-    """Store the inbox problems; each new one is announced once."""
-    keep = {p: r for p, r in recorded.items() if p in unsettled}  # being changed: judged once settled
-    current = {**keep, **problems}
+def _record(current: dict[str, str], recorded: dict[str, str], waiting: str) -> None:
+    """Store what the inbox holds that is not (yet) a case; each new problem is announced
+    once (an entry still settling is shown, not announced)."""
     if current == recorded:
         return
     for where in runtime.store().replace_inbox_problems(current, recorded):
-        messages.emit("inbox_entry_refused", {"entry": where, "reason": current[where]})
+        if current[where] != waiting:
+            messages.emit("inbox_entry_refused", {"entry": where, "reason": current[where]})
 
 
 @app.task(name="mqi.scan_inbox", ignore_result=True)

@@ -158,6 +158,20 @@ def test_one_entry_that_breaks_the_scan_is_recorded_once_and_the_others_go_on(co
     assert [r.message for r in caplog.records] == ["inbox entry a_cursed could not be scanned"]  # once, not per scan
 
 
+def test_a_case_still_settling_is_listed_as_waiting_and_not_announced(config_file, monkeypatch):
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    config_file(scanner={"settle_seconds": 3600})
+    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    make_case(inbox, "copying")
+    assert scan_once() == []
+    assert store.inbox_problems() == {"copying": "not registered yet: waiting until nothing in it has changed for "
+                                                 "scanner.settle_seconds (3600 s), or until a _CASE_READY file is "
+                                                 "put in it"}
+    assert _inbox_events(store) == []
+    (inbox / "copying" / "_CASE_READY").touch()
+    assert scan_once() == ["copying"] and store.inbox_problems() == {}
+
+
 # --- input preparation: a case that vanishes mid-run -----------------------------------------
 def _admitted_case(inbox: Path) -> str:
     make_case(inbox, "vanishing", marker=True)
@@ -248,3 +262,18 @@ def test_a_case_changed_after_validation_fails_its_upload_and_a_retry_validates_
     assert retry_case(case_id).status is CaseStatus.QUEUED
     assert "notes.txt" in runtime.store().get_case(case_id).manifest
     assert upload_case(case_id) == "uploaded"
+
+
+@pytest.mark.timeout(300)
+def test_a_case_removed_while_its_beams_run_fails_saying_so_and_keeps_its_results(embedded):
+    run = embedded(engine={"command": "mqi-demo-engine --delay 1 {input_file}"})
+    case_dir = make_case(run.inbox, "withdrawn", marker=True)
+    run.wait_case("withdrawn", statuses=("PROCESSING",), timeout=120)
+    poll_until(lambda: any(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "withdrawn")["jobs"]),
+               120, what="a beam of the case to run")
+    shutil.rmtree(case_dir)
+    case = run.wait_case("withdrawn", timeout=180)
+    assert case["status"] == "FAILED"
+    assert case["error"].startswith("the case folder withdrawn was removed (or renamed) from the inbox; put it back")
+    assert all(j["status"] == "COMPLETED" for j in case["jobs"])  # the beams ran; their doses are kept
+    assert len(list((run.folder / "results" / "withdrawn").glob("*.dcm"))) == 3
