@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -23,8 +24,10 @@ app = typer.Typer(help="mqi-celery: proton delivery logs recomputed by MOQUI, un
                   no_args_is_help=True, pretty_exceptions_enable=False)
 cases_app = typer.Typer(help="Look at cases, retry or cancel them.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+deploy_app = typer.Typer(help="Write deployment files for this host.", no_args_is_help=True)
 app.add_typer(cases_app, name="cases")
 app.add_typer(config_app, name="config")
+app.add_typer(deploy_app, name="deploy")
 console = Console()
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
@@ -230,6 +233,14 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
     # the reconciler picks up every unfinished case at once (not after its leases expire).
     on_startup()
     env = dict(os.environ)
+    if settings.metrics.port is not None:  # asked for: this host's endpoint, every process counted
+        from . import metrics
+
+        metrics.reset_directory(settings.metrics.multiproc_dir)
+        env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics.multiproc_dir)
+        from . import metrics_endpoint
+
+        metrics_endpoint.serve(settings.metrics.port, settings.metrics.address)
     workers = [Supervised(worker_command(settings), settings.paths.logs / "worker.log", env),
                Supervised(control_worker_command(settings), settings.paths.logs / "control.log", env)]
     # SIGTERM (systemd, `kill`) stops as cleanly as Ctrl-C: the workers must not outlive us.
@@ -274,6 +285,100 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
         for worker in workers:
             worker.stop()
     console.print("stopped.")
+
+
+def _only(only: Optional[str]) -> set[str] | None:
+    return {name.strip() for name in only.split(",") if name.strip()} if only else None
+
+
+@app.command("up")
+def up(dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands, start nothing."),
+       only: Optional[str] = typer.Option(None, help="Only these processes (comma-separated names), e.g. "
+                                                     "core,metrics in a container.")):
+    """Production: run this host's processes (`processes` in the configuration), restart
+    what exits, replace a worker that stops answering pings; SIGTERM stops all warmly."""
+    from .process_manager import topology, up as run_up
+
+    settings = _settings()
+    programs = topology(settings, _only(only))
+    if dry_run:
+        print(f"# mqi up on this host ({settings.source}); environment: MQI_CONFIG, "
+              f"PROMETHEUS_MULTIPROC_DIR={settings.metrics.multiproc_dir}")
+        for prog in programs:
+            print(f"{prog.name}: {shlex.join(prog.command)}")
+        return
+    runtime.store()  # creates/migrates the database once, before the processes race to
+    for folder in (settings.paths.logs, settings.paths.work):
+        folder.mkdir(parents=True, exist_ok=True)
+    run_up(settings, programs, say=lambda line: print(line, flush=True))
+
+
+@app.command("beat")
+def beat():
+    """celery beat, exactly once per installation: it first takes the database's beat lock
+    (a second `mqi beat` waits, ready to take over)."""
+    settings = _settings()
+    from .db import beat_lock
+
+    settings.paths.work.mkdir(parents=True, exist_ok=True)
+    with beat_lock(runtime.store().engine, on_wait=lambda: print("another beat holds the lock; waiting", flush=True)):
+        from .celery_app import app as celery
+
+        celery.Beat(loglevel=settings.worker.log_level,
+                    schedule=str(settings.paths.work / "celerybeat-schedule")).run()
+
+
+@app.command("flower")
+def flower():
+    """Flower, the Celery web UI, with the configured basic authentication (it refuses to
+    start without unless flower.trusted_network is true). Needs `pip install mqi-celery[flower]`."""
+    from .process_manager import flower_command, flower_env
+
+    settings = _settings()
+    extra = flower_env(settings)
+    import importlib.util
+
+    if importlib.util.find_spec("flower") is None:
+        _fail("Flower is not installed: pip install 'mqi-celery[flower]'")
+    command = flower_command(settings)
+    os.execve(command[0], command, {**os.environ, **extra})
+
+
+@app.command("metrics")
+def metrics():
+    """This host's Prometheus endpoint (metrics.port): every local process's samples plus
+    the database's gauges. `mqi up` runs it; this is for systemd or a container."""
+    settings = _settings()
+    if settings.metrics.port is None:
+        _fail("metrics.port is not set: choose the port of this host's endpoint (e.g. 9808)", 2)
+    from . import metrics_endpoint
+
+    metrics_endpoint.serve(settings.metrics.port, settings.metrics.address)
+    print(f"metrics on http://{settings.metrics.address}:{settings.metrics.port}/metrics", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+
+
+@deploy_app.command("systemd")
+def deploy_systemd(output: Path = typer.Option(Path("systemd"), help="Folder to write the unit files into."),
+                   user: str = typer.Option("mqi", help="The account the services run as.")):
+    """Write systemd units equivalent to `mqi up` (one per process, plus mqi.target)."""
+    from .process_manager import systemd_units, topology
+
+    settings = _settings()
+    config = Path(os.environ["MQI_CONFIG"]) if os.environ.get("MQI_CONFIG") else None
+    if config is None:
+        _fail("name the configuration the services will read: mqi --config /etc/mqi/mqi.yaml deploy systemd", 2)
+    output.mkdir(parents=True, exist_ok=True)
+    for name, text in systemd_units(settings, topology(settings), config=config, user=user).items():
+        (output / name).write_text(text)
+        console.print(f"wrote {output / name}", highlight=False)
+    console.print(f"install: cp {output}/*.service {output}/mqi.target /etc/systemd/system/ && "
+                  "systemctl daemon-reload && systemctl enable --now mqi.target", highlight=False)
 
 
 def _send_reconcile() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pydicom
 from celery import chain, group
 
-from . import case_reader, db, faults, logs, messages, runtime
+from . import case_reader, db, faults, logs, messages, metrics, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
 from .errors import MQIError, ValidationError, describe
@@ -100,6 +100,7 @@ def admit(case_id: str) -> bool:
                 log.warning("case %s: unexpected fault during validation", case_id, exc_info=True)
             reason = describe(exc, "validation")
             store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason, lease_until=None)
+            metrics.case_finished("FAILED", case.created_at, "validation")
             messages.emit("new_case_found", {"valid": False}, case_id=case_id)
             messages.emit("case_failed", {"reason": reason, "step": "validation"}, case_id=case_id)
             return False
@@ -181,12 +182,14 @@ def finalize_case(self, case_id: str) -> str:
         if store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None,
                              only_from={CaseStatus.PROCESSING}) is None:
             return "skipped: finalized meanwhile"
+        metrics.case_finished("FAILED", case.created_at, "finished")
         messages.emit("case_failed", {"reason": reason, "completed_beams": [j.beam for j in case.jobs
                                                                           if j not in failed]}, case_id=case_id)
         return CaseStatus.FAILED.value
     if store.update_case(case_id, status=CaseStatus.COMPLETED, step="finished", error=None, lease_until=None,
                          only_from={CaseStatus.PROCESSING}) is None:
         return "skipped: finalized meanwhile"
+    metrics.case_finished("COMPLETED", case.created_at, None)
     messages.emit("case_completed", {"beams": [j.beam for j in case.jobs],
                                      "results": {n: s for j in case.jobs for n, s in j.results.items()}},
                   case_id=case_id)
@@ -219,6 +222,7 @@ def fail_case(case_id: str, reason: str) -> bool:
     if store.update_case(case_id, status=CaseStatus.FAILED, error=reason, lease_until=None, wait_reason=None,
                          only_from={CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING}) is None:
         return False
+    metrics.case_finished("FAILED", case.created_at, case.step)
     messages.emit("case_failed", {"reason": reason}, case_id=case_id)
     return True
 
@@ -243,6 +247,7 @@ def _cancel_run(job, case_id: str) -> None:
     very fault that failed it); a run left behind is logged."""
     try:
         host = runtime.host()
+        metrics.SCHEDULER_QUERIES.labels(host=host.name, command="cancel").inc()
         runtime.scheduler().cancel(job.remote_id, remote_job_dir(host.root, case_id, job.beam))
     except Exception as exc:  # noqa: BLE001 - see docstring
         log.warning("could not cancel beam %s of %s (%s): %s", job.beam, case_id, job.remote_id, exc)

@@ -235,6 +235,68 @@ class Logging(Section):
     file: Path | None = Path("var/log/mqi.jsonl")
 
 
+class Metrics(Section):
+    """This host's Prometheus endpoint. Every process of the host writes its samples into
+    ``multiproc_dir`` (prometheus-client multiprocess mode, prefork children included); one
+    endpoint serves them all, with the database's gauges (cases by status, breakers)."""
+    port: int | None = Field(None, ge=1, le=65535)  # None: no endpoint
+    address: str = "0.0.0.0"
+    multiproc_dir: Path | None = None  # default: <paths.work>/metrics
+
+
+class Flower(Section):
+    """Flower, the Celery web UI (``pip install mqi-celery[flower]``). It can revoke tasks
+    and stop workers, so it runs only with credentials unless told it is on a trusted network."""
+    port: int = Field(5555, ge=1, le=65535)
+    address: str = "127.0.0.1"
+    basic_auth: str = ""  # "user:password" (several: comma-separated); better via MQI_FLOWER__BASIC_AUTH
+    trusted_network: bool = False  # true: no authentication at all (only where everyone may stop workers)
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _pairs(cls, value: str) -> str:
+        if value and not all(re.fullmatch(r"[^:,\s]+:[^,\s]+", pair) for pair in value.split(",")):
+            raise ValueError("must be user:password (several: comma-separated, no spaces)")
+        return value
+
+
+class WorkerGroup(Section):
+    """One worker process (and its pool) consuming a group of queues."""
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,30}$")]
+    queues: tuple[str, ...] = Field(min_length=1)
+    concurrency: int = Field(2, ge=1)
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+
+
+DEFAULT_GROUPS = (
+    WorkerGroup(name="core", queues=("scan", "conductor", "curator")),
+    WorkerGroup(name="transfer", queues=("transfer",)),
+    WorkerGroup(name="execute", queues=("execute",)),
+    # The control loop (poller, reconciler): one task at a time, never behind transfers.
+    WorkerGroup(name="control", queues=("control",), pool="solo", concurrency=1),
+)
+
+
+class Processes(Section):
+    """What ``mqi up`` runs on this host (``mqi deploy systemd`` writes the same as units)."""
+    workers: tuple[WorkerGroup, ...] = DEFAULT_GROUPS
+    beat: bool = True  # exactly one host of an installation runs beat (a database lock makes sure)
+    flower: bool = False
+    metrics: bool = True  # the endpoint, when metrics.port is set
+    ping_interval_seconds: float = Field(10.0, gt=0)
+    # A worker that answers no ping for this long (alive but stuck) is replaced.
+    ping_deadline_seconds: float = Field(60.0, gt=0)
+    stop_grace_seconds: float = Field(60.0, gt=0)  # warm shutdown: running tasks may finish
+    restart_backoff_max_seconds: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Processes":
+        names = [g.name for g in self.workers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker group names must be unique: {', '.join(names)}")
+        return self
+
+
 class Settings(Section):
     paths: Paths = Paths()
     database: Database = Database()
@@ -248,6 +310,9 @@ class Settings(Section):
     scheduler: Scheduler = Scheduler()
     engine: Engine = Engine()
     logging: Logging = Logging()
+    metrics: Metrics = Metrics()
+    flower: Flower = Flower()
+    processes: Processes = Processes()
     source: str = Field("built-in defaults", exclude=True)
 
     def resolved(self, base: Path) -> "Settings":
@@ -268,6 +333,8 @@ class Settings(Section):
                 "result_backend": sqlite_abs(self.broker.result_backend)}),
             "transport": self._resolved_transport(absolute),
             "logging": self.logging.model_copy(update={"file": absolute(self.logging.file)}),
+            "metrics": self.metrics.model_copy(update={
+                "multiproc_dir": absolute(self.metrics.multiproc_dir or p.work / "metrics")}),
         })
 
 
@@ -358,7 +425,7 @@ def load_settings(path: str | os.PathLike | None = None, environ: dict[str, str]
     return settings.resolved(Path.cwd())
 
 
-SECRET_KEY = re.compile(r"password|secret|token|passphrase", re.I)
+SECRET_KEY = re.compile(r"password|secret|token|passphrase|basic_auth", re.I)
 
 
 def mask_url(url: str) -> str:

@@ -158,6 +158,39 @@ def _migration_lock(engine: Engine):
             os.close(fd)
 
 
+@contextlib.contextmanager
+def beat_lock(engine: Engine, on_wait=None, poll_seconds: float = 5.0):
+    """Held while this process runs celery beat: an installation has exactly one, however
+    many hosts are told to run it (the others wait, ready to take over)."""
+    import time
+
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            while not conn.execute(text("SELECT pg_try_advisory_lock(474748)")).scalar():
+                conn.commit()
+                if on_wait:
+                    on_wait()
+                    on_wait = None
+                time.sleep(poll_seconds)
+            conn.commit()
+            yield  # the lock lives as long as this connection
+        return
+    fd = os.open((engine.url.database or "mqi") + ".beat.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                    on_wait = None
+                time.sleep(poll_seconds)
+        yield
+    finally:
+        os.close(fd)
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent)."""
     from alembic import command

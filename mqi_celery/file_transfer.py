@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path, PurePosixPath
 
-from . import case_reader, faults, messages, runtime
+from . import case_reader, faults, messages, metrics, runtime
 from .celery_app import app
 from .errors import MQIError, TransferError, ValidationError
 from .hosts import Host, file_sha256
@@ -100,6 +100,8 @@ def upload_case(self, case_id: str) -> str:
     except MQIError as exc:
         messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
         raise
+    metrics.TRANSFER_BYTES.labels(direction="up").inc(sent["bytes"])
+    metrics.TRANSFER_SECONDS.labels(direction="up").inc(time.monotonic() - started)
     messages.emit("upload_success", {**sent, "verified_files": len(case.manifest), "host": host.name,
                                      "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
     store.update_case(case_id, step="uploaded")
@@ -119,11 +121,14 @@ def download_results(self, case_id: str) -> str:
     for job in store.get_case(case_id).jobs:
         if job.status is not JobStatus.COMPLETED or results_intact(local_dir, job.results):
             continue  # failed beams have nothing; a retry keeps what is already verified here
+        started = time.monotonic()
         try:
             files = download_verified(host, remote_output_dir(host.root, case_id, job.beam), local_dir)
         except MQIError as exc:
             messages.emit("download_failed", {"beam": job.beam, "reason": str(exc)}, case_id=case_id)
             raise
+        metrics.TRANSFER_BYTES.labels(direction="down").inc(sum((local_dir / n).stat().st_size for n in files))
+        metrics.TRANSFER_SECONDS.labels(direction="down").inc(time.monotonic() - started)
         store.update_job(case_id, job.beam, results=files, step="downloaded")
         messages.emit("download_success", {"beam": job.beam, "files": files, "host": host.name},
                       case_id=case_id)

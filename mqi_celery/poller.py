@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import engine, messages, runtime
+from . import engine, messages, metrics, runtime
 from .celery_app import app
 from .conductor import collect_finished
 from .db import utcnow
@@ -60,6 +60,7 @@ def _poll(store, host, scheduler, watching: dict) -> dict:
     """States of the watched jobs; {} when the host or its scheduler does not answer (the
     breaker covers a host that is down; a scheduler failing for too long fails its jobs)."""
     settings = runtime.settings()
+    metrics.SCHEDULER_QUERIES.labels(host=host.name, command="poll").inc()
     try:
         states = scheduler.poll({rid: remote_job_dir(host.root, j.case_id, j.beam) for rid, j in watching.items()})
     except ConnectionError_ as exc:  # the host, not its scheduler: the breaker counts these

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 
-from . import case_reader, engine, faults, messages, runtime
+from . import case_reader, engine, faults, messages, metrics, runtime
 from .celery_app import app
 from .db import utcnow
 from .models import JobStatus
@@ -72,6 +72,7 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
                    command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
                                                job_dir=job_dir),
                    gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds, token=token)
+    metrics.SCHEDULER_QUERIES.labels(host=host.name, command="submit").inc()
     remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
     faults.point("after_submit")  # crash tests: die between the submit and the database write
     recorded = runtime.store().update_job(
@@ -79,6 +80,7 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
         remote_id=remote_id, gpu_id=gpu_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
         finished_at=None, error=None, **fields)
     if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
+        metrics.SCHEDULER_QUERIES.labels(host=host.name, command="cancel").inc()
         scheduler.cancel(remote_id, job_dir)
         return "cancelled"
     messages.emit("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
@@ -110,6 +112,9 @@ def finish(case_id: str, beam: int, failure: str | None) -> str:
                                      only_from={JobStatus.RUNNING})
     if job is None:  # cancelled meanwhile
         return runtime.store().get_job(case_id, beam).status.value
+    start = job.started_at or job.submitted_at
+    if start is not None:
+        metrics.STEP.labels(step="run").observe(max(0.0, ((job.finished_at or utcnow()) - start).total_seconds()))
     if failure:
         messages.emit("execution_failed", {"beam": beam, "reason": failure, "exit_code": job.exit_code},
                       case_id=case_id)

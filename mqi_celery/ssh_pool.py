@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 
 import paramiko
 
+from . import metrics
 from .errors import ConfigError, ConnectionError_, MQIError
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,7 @@ def connect(s: "SSHSettings") -> paramiko.Transport:
         t.close()
         raise ConnectionError_(f"SSH handshake with {where} failed: {exc or type(exc).__name__}") from exc
     stats.handshakes += 1
+    metrics.SSH_CONNECTIONS.labels(host=s.host).inc()
     return t
 
 

@@ -274,6 +274,20 @@ class Store:
             row.poll_error, row.updated_at = error[:500], now
             return row.poll_failing_since
 
+    def count_by_status(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Cases and jobs per status, counted by the database."""
+        from sqlalchemy import func
+
+        with self.session() as s:
+            cases = dict(s.execute(select(db.CaseRow.status, func.count()).group_by(db.CaseRow.status)).all())
+            jobs = dict(s.execute(select(db.JobRow.status, func.count()).group_by(db.JobRow.status)).all())
+        return cases, jobs
+
+    def host_states(self) -> dict[str, str]:
+        """Each remote host's circuit breaker state."""
+        with self.session() as s:
+            return dict(s.execute(select(db.HostRow.name, db.HostRow.state)).all())
+
     # --- the inbox ---------------------------------------------------------------------
     def inbox_problems(self) -> dict[str, str]:
         """What the inbox holds that is not a case, with the reason, by entry."""

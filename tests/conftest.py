@@ -167,3 +167,26 @@ def embedded(tmp_path):
     for run in runs:
         run.stop()
 
+
+ENGINE_WRAPPER = """#!/bin/sh
+# Test engine: the failure mode comes from the case itself (file FAIL_MODE in the case
+# folder); it only applies while the flag file {flags}/<mode> exists.
+input="$1"; job_dir="$2"
+mode=$(cat "$job_dir/../input/FAIL_MODE" 2>/dev/null)
+if [ -n "$mode" ]; then
+  exec mqi-demo-engine --fail "$mode" --fail-beams 3 --fail-if-exists "{flags}/$mode" "$input"
+fi
+exec mqi-demo-engine "$input"
+"""
+
+
+@pytest.fixture
+def failing_engine(tmp_path):
+    """A test engine whose failure mode a case chooses (file FAIL_MODE), while a flag file exists."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    for mode in ("exit", "segfault", "no-output", "hang"):
+        (flags / mode).touch()
+    script = tmp_path / "engine.sh"
+    script.write_text(ENGINE_WRAPPER.format(flags=flags))
+    return script, flags

@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import pydicom
-import pytest
 
 from tests.casegen import STUDY_UID, make_case
 from tests.conftest import group_alive as _group_alive, poll_until
@@ -65,29 +64,6 @@ def test_case_without_marker_completes_after_settling(embedded):
     case = run.wait_case(STUDY_UID, timeout=60)
     assert_completed_with_results(run, case)
     assert case["path"] == str(run.inbox / "G2" / "55061194" / STUDY_UID)
-
-
-ENGINE_WRAPPER = """#!/bin/sh
-# Test engine: the failure mode comes from the case itself (file FAIL_MODE in the case
-# folder); it only applies while the flag file {flags}/<mode> exists.
-input="$1"; job_dir="$2"
-mode=$(cat "$job_dir/../input/FAIL_MODE" 2>/dev/null)
-if [ -n "$mode" ]; then
-  exec mqi-demo-engine --fail "$mode" --fail-beams 3 --fail-if-exists "{flags}/$mode" "$input"
-fi
-exec mqi-demo-engine "$input"
-"""
-
-
-@pytest.fixture
-def failing_engine(tmp_path):
-    flags = tmp_path / "flags"
-    flags.mkdir()
-    for mode in ("exit", "segfault", "no-output", "hang"):
-        (flags / mode).touch()
-    script = tmp_path / "engine.sh"
-    script.write_text(ENGINE_WRAPPER.format(flags=flags))
-    return script, flags
 
 
 def test_engine_failures_fail_the_beam_keep_other_results_and_retry(embedded, failing_engine):

@@ -1,0 +1,97 @@
+"""This host's Prometheus endpoint: the samples every process of the host recorded
+(``metrics``), plus gauges read from the database at each scrape: cases and jobs by status,
+breakers, inbox problems, and the free disk where results land."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+from . import metrics, runtime
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseCollector:
+    """Gauges read at each scrape: cheap GROUP BY queries, never per case."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .models import CaseStatus, JobStatus
+
+        settings, up = runtime.settings(), GaugeMetricFamily("mqi_database_up", "The state database answers")
+        try:
+            store = runtime.store()
+            cases, jobs = store.count_by_status()
+            hosts = store.host_states()
+            problems = len(store.inbox_problems())
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
+            log.warning("metrics: the database did not answer: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        family = GaugeMetricFamily("mqi_cases_by_status", "Cases in each status now", labels=["status"])
+        for status in CaseStatus:
+            family.add_metric([status.value], cases.get(status.value, 0))
+        yield family
+        family = GaugeMetricFamily("mqi_jobs_by_status", "Beam jobs in each status now", labels=["status"])
+        for status in JobStatus:
+            family.add_metric([status.value], jobs.get(status.value, 0))
+        yield family
+        family = GaugeMetricFamily("mqi_host_breaker_state", "Circuit breaker of each remote host (1: the state "
+                                   "it is in)", labels=["host", "state"])
+        for host, state in hosts.items():
+            for name in ("closed", "open", "half_open"):
+                family.add_metric([host, name], 1 if state == name else 0)
+        yield family
+        family = GaugeMetricFamily("mqi_inbox_problems", "Inbox entries that are not (yet) cases (`mqi inbox`)")
+        family.add_metric([], problems)
+        yield family
+        family = GaugeMetricFamily("mqi_disk_free_bytes", "Free disk space", labels=["host", "path"])
+        try:
+            family.add_metric(["local", "results"], shutil.disk_usage(settings.paths.results).free)
+        except OSError:
+            pass
+        yield family
+
+
+def _forget_dead_processes(folder: str) -> None:
+    """A SIGKILLed process never marks itself dead: its live gauges would count for ever."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"gauge_live\w+?_(\d+)\.db", name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            metrics.process_gone(int(match.group(1)))
+
+
+class _LiveCollector:
+    def __init__(self, folder: str):
+        from prometheus_client import multiprocess
+
+        self.folder, self.inner = folder, multiprocess.MultiProcessCollector(None, path=folder)
+
+    def collect(self):
+        _forget_dead_processes(self.folder)
+        yield from self.inner.collect()
+
+
+def registry():
+    from prometheus_client import CollectorRegistry
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(runtime.settings().metrics.multiproc_dir)
+    os.makedirs(folder, exist_ok=True)
+    reg = CollectorRegistry()
+    reg.register(_LiveCollector(folder))
+    reg.register(DatabaseCollector())
+    return reg
+
+
+def serve(port: int, address: str):
+    """Start this host's endpoint (a thread); returns the server."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=address, registry=registry())
+    return server
