@@ -152,7 +152,7 @@ class Supervised:
         self.restarts += 1
         self._next_start = 0.0
         self.start()
-        return f"{self.name} exited with code {code}; restarted (see {self.log_file})"
+        return f"started {self.name} (pid {self.proc.pid}) again: it exited with code {code} (see {self.log_file})"
 
     def replace(self, why: str) -> str:
         """Kill a child that is alive but useless (a stuck worker); the next check restarts it."""
