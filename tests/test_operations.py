@@ -4,6 +4,7 @@ process manager replaces dead and stuck workers and stops cleanly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -208,3 +209,94 @@ def test_dry_run_prints_the_topology_and_systemd_units_match_it(tmp_path):
     target = (tmp_path / "units" / "mqi.target").read_text()
     assert all(f"mqi-{name}.service" in target for name in commands)
     assert json.loads(json.dumps(commands))  # printable as is
+
+
+# --- Prometheus and the Grafana dashboard -------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+EXPORTER = ROOT / ".cache" / "celery-exporter" / "bin" / "python"
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "mqi-celery.json"
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"] for p in panels for t in p["targets"]]
+
+
+def prometheus_query(port: int, expr: str) -> list:
+    import requests
+
+    reply = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert reply["status"] == "success", (expr, reply)
+    return reply["data"]["result"]
+
+
+def scrape_config(exporter_port: int, metrics_port: int) -> dict:
+    """The project's own docker/prometheus/prometheus.yml, its targets pointed at this test."""
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    assert {job["job_name"] for job in conf["scrape_configs"]} == {"mqi", "celery"}
+    conf["global"].update(scrape_interval="2s", scrape_timeout="2s", evaluation_interval="2s")
+    targets = {"mqi": f"127.0.0.1:{metrics_port}", "celery": f"127.0.0.1:{exporter_port}"}
+    for job in conf["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+        if "scrape_timeout" in job:  # the exporter's scrapes take seconds: fewer, not shorter
+            job.update(scrape_interval="5s", scrape_timeout="5s")
+    return conf
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(900)
+def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(installation, slurm_testbed, tmp_path):
+    import yaml
+
+    tb = slurm_testbed
+    inst = installation(
+        transport={"kind": "ssh", "remote_root": str(tb.remote_root / tmp_path.name),
+                   "ssh": {"host": tb.host, "port": tb.ssh_port, "user": tb.user, "key_file": str(tb.client_key),
+                           "known_hosts": str(tb.known_hosts)}},
+        scheduler={"kind": "slurm", "poll_interval_seconds": 0.5, "slurm": {"gres": "gpu:1"}},
+        engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} {{input_file}}"})
+    exporter_port, prometheus_port = free_port(), free_port()
+    broker = yaml.safe_load(inst.config.read_text())["broker"]["url"]
+    log = open(tmp_path / "exporter.log", "ab")
+    side = [subprocess.Popen([str(EXPORTER), "-c", "from src.cli import cli; cli()", "--broker-url", broker,
+                              "--host", "127.0.0.1", "--port", str(exporter_port)], stdout=log, stderr=log)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(exporter_port, inst.metrics_port)))
+    side.append(subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                  f"--web.listen-address=127.0.0.1:{prometheus_port}"], stdout=log, stderr=log))
+    try:
+        wait_answering(inst, set(GROUPS))
+        try:
+            poll_until(lambda: len(prometheus_query(prometheus_port, "up == 1")) == 2, 120, interval=1,
+                       what="Prometheus to scrape both targets")
+        except AssertionError:
+            import requests
+
+            targets = requests.get(f"http://127.0.0.1:{prometheus_port}/api/v1/targets", timeout=10).json()
+            raise AssertionError([(t["scrapeUrl"], t["health"], t["lastError"])
+                                  for t in targets["data"]["activeTargets"]]) from None
+        drop(inst.inbox, "good")
+        bad = make_case(inst.inbox, "bad")
+        for plan in bad.glob("RP*.dcm"):
+            plan.unlink()
+        (bad / "_CASE_READY").touch()
+        assert wait_finished("good", 300).status is CaseStatus.COMPLETED
+        assert wait_finished("bad", 300).status is CaseStatus.FAILED
+
+        queries = dashboard_queries()
+        assert len(queries) >= 15
+
+        def empty_ones():
+            return [q for q in queries if not prometheus_query(prometheus_port, q)]
+        poll_until(lambda: not empty_ones(), 120, interval=2, what="every dashboard query to return data")
+        finished = prometheus_query(prometheus_port, 'sum by (status) (mqi_cases_total)')
+        assert {r["metric"]["status"]: float(r["value"][1]) for r in finished} == {"COMPLETED": 1.0, "FAILED": 1.0}
+        assert prometheus_query(prometheus_port, 'max(celery_queue_length{queue_name="transfer"})')
+    finally:
+        for proc in side:
+            proc.terminate()
+            proc.wait(30)
+        log.close()
+        tb.ssh("scancel --user=root")

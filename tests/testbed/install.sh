@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages the Slurm + sshd testbed (tests/testbed/cluster.py) needs.
+# Installs the Debian 12 packages the test suite starts itself: the Slurm + sshd testbed
+# (tests/testbed/cluster.py) and Prometheus (tests/test_operations.py).
 # Idempotent: does nothing when everything is already installed. Needs root.
 set -euo pipefail
 
-PKGS=(slurmctld slurmd slurmdbd slurm-client munge openssh-server openssh-client iproute2 procps)
+# prometheus: the operations tests scrape a run with a real one (docker/prometheus/prometheus.yml).
+PKGS=(slurmctld slurmd slurmdbd slurm-client munge openssh-server openssh-client iproute2 procps prometheus)
 
 missing=()
 for p in "${PKGS[@]}"; do
