@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 
-from .errors import ValidationError
-from .hosts import file_sha256
+from .errors import ValidationError, case_removed
+from .hosts import case_file_sha256
 from .naming import PORTABLE_HINT, name_problem, shown
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ PTN_ROW_BYTES = 16  # 8 big-endian uint16 per 15 us sample
 PLAN_PATTERN = "RP*.dcm"
 MAX_DEPTH_IN_CASE = 4  # <case>/<delivery>/... deeper than this is not an export
 LAYER_FILE_COLUMNS = ("SCAN_OUT_FL_NM", "PLAN_SCAN_OUT_FL_NM")
-CASE_REMOVED = ("the case folder {name} was removed (or renamed) from the inbox; put it back where it was, "
-                "then retry the case")
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def require_folder(case_dir: Path) -> None:
         raise ValidationError(f"the case folder {shown(case_dir.name)} is a symbolic link; only folders that "
                               "are really inside the inbox are read: copy the case in instead of linking it")
     if not case_dir.is_dir():
-        raise ValidationError(CASE_REMOVED.format(name=shown(case_dir.name)))
+        raise case_removed(shown(case_dir.name))
     if os.path.realpath(case_dir) != os.path.abspath(case_dir):
         raise ValidationError(f"the path of case folder {shown(case_dir.name)} passes through a symbolic link; "
                               "copy the case into the inbox instead of linking it")
@@ -342,7 +340,7 @@ def manifest(case_dir: Path, marker: str) -> dict[str, str]:
     """SHA-256 of every file of the case, by relative path."""
     files = inventory(case_dir, marker).files
     try:
-        return {rel: file_sha256(case_dir / rel) for rel in files}
+        return {rel: case_file_sha256(case_dir, rel) for rel in files}
     except FileNotFoundError as exc:
         require_folder(case_dir)
         raise ValidationError(f"{shown(Path(exc.filename).name)} disappeared while the case was being read; wait "

@@ -28,7 +28,7 @@ from celery import chain, group
 from . import case_reader, db, faults, logs, messages, metrics, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
-from .errors import MQIError, ValidationError, describe
+from .errors import MQIError, ValidationError, case_removed, describe
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
 from .models import TERMINAL_CASE, Case, CaseStatus, JobStatus
@@ -175,8 +175,7 @@ def finalize_case(self, case_id: str) -> str:
     _write_report(case)
     reasons = [f"beam {j.beam} ({j.beam_name}): {j.error or j.status.value}" for j in failed]
     if not Path(case.path).is_dir():  # withdrawn while it ran: not a result to sign off
-        reasons.insert(0, case_reader.CASE_REMOVED.format(name=shown(Path(case.path).name)) +
-                       " (the results of the beams that ran are kept)")
+        reasons.insert(0, f"{case_removed(shown(Path(case.path).name))} (the results of the beams that ran are kept)")
     if reasons:
         reason = "; ".join(reasons)
         if store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None,

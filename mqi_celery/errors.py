@@ -54,6 +54,11 @@ class ConfigError(MQIError):
     """The configuration is wrong; the operator must fix it. Never retried."""
 
 
+def case_removed(folder_name: str) -> ValidationError:
+    return ValidationError(f"the case folder {folder_name} was removed (or renamed) from the inbox; put it back "
+                           "where it was, then retry the case")
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same step later can reasonably succeed."""
     if isinstance(exc, MQIError):

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from . import case_reader, faults, messages, metrics, runtime
 from .celery_app import app
 from .errors import MQIError, TransferError, ValidationError
-from .hosts import Host, file_sha256
+from .hosts import Host, case_file_sha256, file_sha256
 from .models import JobStatus
 from .naming import remote_input_dir, remote_output_dir
 from .tasks import PipelineTask
@@ -32,11 +32,16 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
         host.remove_tree(staging)
         host.rename(remote_dir, staging)
     todo = _mismatches(host, staging, manifest) if host.exists(staging) else files
-    sent = host.put_tree(local_dir, staging, todo)
+    try:
+        sent = host.put_tree(local_dir, staging, todo)
+    except ValidationError:
+        host.remove_tree(staging)  # a file changed under us: nothing of it stays on the cluster
+        raise
     faults.point("upload_sent")  # crash tests: the files are there, not yet verified
     bad = _mismatches(host, staging, manifest)
-    changed = [rel for rel in bad if not (local_dir / rel).is_file() or file_sha256(local_dir / rel) != manifest[rel]]
+    changed = [rel for rel in bad if _local_hash(local_dir, rel) != manifest[rel]]
     if changed:  # not the transfer's fault: sending it again would not help
+        host.remove_tree(staging)  # nor should what was sent stay on the cluster
         raise ValidationError(f"{changed[0]} changed in the case folder after the case was validated (was it still "
                               "being copied?); retry the case to validate it again")
     if bad:
@@ -44,6 +49,13 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
                             f"(first: {bad[0]}); the case will be uploaded again")
     host.rename(staging, remote_dir)
     return {"files": len(todo), "bytes": sent}
+
+
+def _local_hash(local_dir: Path, rel: str) -> str | None:
+    try:
+        return case_file_sha256(local_dir, rel)
+    except (OSError, ValidationError):
+        return None
 
 
 def _mismatches(host: Host, remote_dir: PurePosixPath, manifest: dict[str, str]) -> list[str]:
@@ -94,8 +106,12 @@ def upload_case(self, case_id: str) -> str:
     try:
         case_reader.require_folder(case_dir)  # removed after it was registered: say so, send nothing
         sent = upload_verified(host, case_dir, remote_input_dir(host.root, case_id), case.manifest)
-    except FileNotFoundError:
+    except (FileNotFoundError, TransferError):
         case_reader.require_folder(case_dir)  # the whole case went while it was being sent
+        gone = next((rel for rel in case.manifest if not (case_dir / rel).is_file()), None)
+        if gone:  # not the transfer's fault: sending it again would not help
+            raise ValidationError(f"{gone} disappeared from the case folder during upload (was it being removed, "
+                                  "or still being copied?); put it back, then retry the case") from None
         raise
     except MQIError as exc:
         messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)

@@ -7,16 +7,18 @@ the same interface over SSH, so transfers and schedulers are written once.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from .errors import ExecutionError, TransferError
+from .errors import ExecutionError, TransferError, ValidationError, case_removed
 from .naming import safe_relpath
 
 
@@ -44,11 +46,53 @@ class Host(Protocol):
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+        return _sha256(f)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def open_case_file(folder: Path, rel: str):
+    """A file of a case, opened for reading without following a symbolic link anywhere
+    below ``folder`` (one swapped in after validation must not make us read, or upload,
+    anything outside the inbox) and without blocking on a pipe."""
+    parts = PurePosixPath(rel).parts
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise case_removed(folder.name) from None
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    except OSError as exc:
+        if not os.path.isdir(folder):
+            raise case_removed(folder.name) from None
+        if exc.errno == errno.ENOENT:
+            raise ValidationError(f"{rel} disappeared from the case folder after the case was validated; put it "
+                                  "back, then retry the case") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ValidationError(f"{rel} became a symbolic link after the case was validated; links are never "
+                                  "followed: copy the real file into the case, then retry the case") from None
+        raise
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise ValidationError(f"{rel} is no longer a regular file; put the real file back, then retry the case")
+    return os.fdopen(file_fd, "rb")
+
+
+def case_file_sha256(folder: Path, rel: str) -> str:
+    with open_case_file(folder, rel) as f:
+        return _sha256(f)
 
 
 class LocalHost:
@@ -84,7 +128,8 @@ class LocalHost:
         for rel in files:
             dst = self._local(remote_dir / safe_relpath(rel))
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_dir / rel, dst)
+            with open_case_file(local_dir, rel) as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
             sent += dst.stat().st_size
         return sent
 

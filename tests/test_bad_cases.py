@@ -277,3 +277,30 @@ def test_a_case_removed_while_its_beams_run_fails_saying_so_and_keeps_its_result
     assert case["error"].startswith("the case folder withdrawn was removed (or renamed) from the inbox; put it back")
     assert all(j["status"] == "COMPLETED" for j in case["jobs"])  # the beams ran; their doses are kept
     assert len(list((run.folder / "results" / "withdrawn").glob("*.dcm"))) == 3
+
+
+def test_a_file_swapped_for_a_link_after_validation_is_never_read_or_uploaded(config_file, monkeypatch):
+    from mqi_celery.file_transfer import upload_case
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    inbox = runtime.settings().paths.inbox
+    case_id = _admitted_case(inbox)
+    secret = inbox.parent / "outside" / "secret.ptn"
+    secret.parent.mkdir()
+    secret.write_bytes(b"outside the inbox: must never be read" * 16)
+    victim = next((inbox / "vanishing").glob("*/*.ptn"))
+    victim.unlink()
+    victim.symlink_to(secret)
+    errors: list = []
+
+    def upload():
+        try:
+            upload_case(case_id)
+        except ValidationError as exc:
+            errors.append(exc)
+    assert read_outside(inbox, upload) == []
+    rel = f"{victim.parent.name}/{victim.name}"
+    assert str(errors[0]).startswith(f"{rel} became a symbolic link after the case was validated")
+    remote = Path(runtime.settings().transport.remote_root)
+    assert not any(b"must never be read" in f.read_bytes() for f in remote.rglob("*") if f.is_file())
+    assert not list(remote.rglob("*.staging"))
