@@ -13,18 +13,23 @@ import io
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pydicom
 
 from .errors import ValidationError, case_removed
-from .hosts import case_file_sha256
+from .hosts import case_file_sha256, open_case_file
 from .naming import PORTABLE_HINT, name_problem, shown
 
 log = logging.getLogger(__name__)
+logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote values (see _read_plan)
 
 PTN_ROW_BYTES = 16  # 8 big-endian uint16 per 15 us sample
+MIN_ENERGY_MEV, MAX_ENERGY_MEV = 1.0, 400.0  # what a proton therapy layer can be, generously
+DELIVERY_LOG_FILES = ("PlanInfo.txt", "PlanRange.txt", "*.ptn", "*.mgn")
+ARCHIVES = ("*.zip", "*.7z", "*.rar", "*.tar", "*.tgz", "*.tar.*", "*.gz", "*.bz2", "*.xz")
 PLAN_PATTERN = "RP*.dcm"
 MAX_DEPTH_IN_CASE = 4  # <case>/<delivery>/... deeper than this is not an export
 LAYER_FILE_COLUMNS = ("SCAN_OUT_FL_NM", "PLAN_SCAN_OUT_FL_NM")
@@ -36,6 +41,7 @@ class DeliveredBeam:
     name: str
     folder: str  # delivery folder name, relative to the case
     layers: int
+    machine: str = ""  # the plan's TreatmentMachineName for this beam (its gantry room)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,14 @@ def inventory(case_dir: Path, marker: str) -> Inventory:
     return Inventory(files=files, folders=tuple(folders))
 
 
+def beam_machine(case_dir: Path, plan: str, beam: int) -> str:
+    """The treatment machine (gantry room) of one beam of a validated case's plan."""
+    with warnings.catch_warnings(), open_case_file(case_dir, plan) as f:
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+    return next(str(b.get("TreatmentMachineName", "")) for b in ds.IonBeamSequence if int(b.BeamNumber) == beam)
+
+
 def plan_file(files) -> str:
     """The plan's name among a validated case's files (its manifest)."""
     return next(f for f in files if "/" not in f and fnmatch.fnmatchcase(f, PLAN_PATTERN))
@@ -137,6 +151,10 @@ def read_plan_info_text(text: str) -> dict[str, str]:
 def _read_plan(case_dir: Path, inv: Inventory):
     top = inv.top_files()
     plans = [f for f in top if fnmatch.fnmatchcase(f, PLAN_PATTERN)]
+    plan_folders = [f for f in inv.top_folders() if fnmatch.fnmatchcase(f, PLAN_PATTERN)]
+    if not plans and plan_folders:
+        raise ValidationError(f"{plan_folders[0]} is a folder, not the RT plan file; export the RT Ion plan into the "
+                              "case folder")
     if not plans:
         other = [f for f in top if f.lower().endswith(".dcm")]
         seen = f" (found {', '.join(other[:3])}, which are not named RP*.dcm)" if other else ""
@@ -147,19 +165,26 @@ def _read_plan(case_dir: Path, inv: Inventory):
     name = plans[0]
     if inv.files[name] == 0:
         raise ValidationError(f"RT plan {name} is empty; export it again")
-    try:
-        ds = pydicom.dcmread(case_dir / name, stop_before_pixels=True)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
-        log.info("RT plan %s unreadable: %r", name, exc)
-        raise ValidationError(f"RT plan {name} is not a readable DICOM file; export it again") from None
-    try:
-        return name, ds, _plan_beams(name, ds)
-    except ValidationError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged value deep in the plan
-        log.info("RT plan %s not interpretable: %r", name, exc)
-        raise ValidationError(f"RT plan {name} holds values that cannot be read (a damaged or unusual export); "
-                              "export it again") from None
+    # pydicom warns about odd values with the values in the text: a damaged field may hold
+    # patient data, and the reason we give says enough.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with open_case_file(case_dir, name) as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except ValidationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
+            log.info("RT plan %s unreadable (%s)", name, type(exc).__name__)
+            raise ValidationError(f"RT plan {name} is not a readable DICOM file; export it again") from None
+        try:
+            return name, ds, _plan_beams(name, ds)
+        except ValidationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged value deep in the plan
+            log.info("RT plan %s not interpretable (%s)", name, type(exc).__name__)
+            raise ValidationError(f"RT plan {name} holds values that cannot be read (a damaged or unusual export); "
+                                  "export it again") from None
 
 
 def _plan_beams(name: str, ds) -> dict:
@@ -170,7 +195,7 @@ def _plan_beams(name: str, ds) -> dict:
     beams = {}
     for i, beam in enumerate(ds.IonBeamSequence, start=1):
         raw = str(beam.get("BeamNumber", "")).strip()
-        if not re.fullmatch(r"[0-9]{1,6}", raw, re.ASCII):
+        if not re.fullmatch(r"\+?[0-9]{1,9}", raw, re.ASCII):
             raise ValidationError(f"RT plan {name}: ion beam #{i} ({beam.get('BeamName', 'unnamed')}) has "
                                   f"{'no BeamNumber' if not raw else f'BeamNumber {raw!r}, not a number'}; "
                                   "export the plan again from the planning system")
@@ -195,18 +220,41 @@ def _plan_beams(name: str, ds) -> dict:
 
 
 def _int_field(value: str, where: str, what: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,6}", value.strip(), re.ASCII):
+    if not re.fullmatch(r"\+?[0-9]{1,9}", value.strip(), re.ASCII):
         raise ValidationError(f"{where}: {what} {value!r} is not a whole number; copy the file the delivery "
                               "system wrote")
     return int(value)
 
 
 def _read_text(case_dir: Path, rel: str) -> str:
-    try:
-        return (case_dir / rel).read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        raise ValidationError(f"{rel} disappeared while the case was being read; wait until the copy is "
-                              "complete, then retry the case") from None
+    """A delivery-log text file as the delivery system writes it: ASCII or UTF-8 (a byte
+    order mark allowed), any line ends."""
+    with open_case_file(case_dir, rel) as f:
+        data = f.read()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in data:
+        raise ValidationError(f"{rel} is not plain text (UTF-16 or binary); copy the file the delivery system "
+                              "wrote, or save it as UTF-8")
+    return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+PLAN_INFO_KEYS = ("DICOM_BEAM_NUMBER", "DICOM_PATIENT_ID", "DICOM_STUDY_INS_UID", "START_LAYER_NUMBER",
+                  "STOP_LAYER_NUMBER")
+
+
+def _plan_info(case_dir: Path, folder: str) -> dict[str, str]:
+    """PlanInfo.txt's keys; each key the pipeline relies on must be there exactly once."""
+    where = f"{folder}/PlanInfo.txt"
+    lines = [line.partition(",") for line in _read_text(case_dir, where).splitlines()]
+    keys = [key.strip() for key, sep, _ in lines if sep]
+    for key in PLAN_INFO_KEYS:
+        if keys.count(key) > 1:
+            raise ValidationError(f"{where} names {key} {keys.count(key)} times; copy the file the delivery "
+                                  "system wrote")
+    info = read_plan_info_text("\n".join("".join(parts) for parts in lines))
+    for key in ("DICOM_BEAM_NUMBER", "START_LAYER_NUMBER", "STOP_LAYER_NUMBER"):
+        if key not in info:
+            raise ValidationError(f"{where} has no {key} line; copy the file the delivery system wrote")
+    return info
 
 
 def _check_layers(case_dir: Path, folder: str, inv: Inventory, info: dict[str, str]) -> int:
@@ -228,21 +276,40 @@ def _check_layers(case_dir: Path, folder: str, inv: Inventory, info: dict[str, s
                               "system wrote")
     if not rows:
         raise ValidationError(f"{where} lists no layers; copy the complete delivery log")
-    seen: set[int] = set()
+    first, last = _layer_range(folder, info)
+    if last - first + 1 != len(rows):
+        raise ValidationError(f"{where} lists {len(rows)} layers, but PlanInfo.txt says layers {first} to {last} "
+                              "were delivered; copy the complete delivery log")
+    layers: dict[int, int] = {}
+    files: dict[str, int] = {}
     for line, row in rows:
         layer = _int_field(row.get("LAYER_NO") or "", f"{where} line {line}", "LAYER_NO")
-        if layer in seen:
-            raise ValidationError(f"{where} line {line}: layer {layer} is listed twice; copy the file the delivery "
-                                  "system wrote")
-        seen.add(layer)
-        energy = (row.get("LAYER_ENERGY") or "").strip()
-        if "LAYER_ENERGY" in header and not re.fullmatch(r"[0-9]+(\.[0-9]*)?", energy, re.ASCII):
-            raise ValidationError(f"{where} line {line}: LAYER_ENERGY {energy!r} is not a number; copy the file "
-                                  "the delivery system wrote")
+        if layer in layers:
+            raise ValidationError(f"{where} line {line}: layer {layer} is listed twice (also line {layers[layer]}); "
+                                  "copy the file the delivery system wrote")
+        if not first <= layer <= last:
+            raise ValidationError(f"{where} line {line}: layer {layer} is outside the layers PlanInfo.txt says "
+                                  f"were delivered ({first} to {last}); copy the delivery log of this beam")
+        layers[layer] = line
+        if "LAYER_ENERGY" in header:
+            _check_energy(f"{where} line {line}", (row.get("LAYER_ENERGY") or "").strip())
         for column in LAYER_FILE_COLUMNS:
-            _check_layer_file(folder, where, line, column, (row.get(column) or "").strip(), inv)
-    _check_layer_count(where, len(rows), info)
+            name = (row.get(column) or "").strip()
+            _check_layer_file(folder, where, line, column, name, inv)
+            if name in files:
+                raise ValidationError(f"{where} names {name} for two layers (lines {files[name]} and {line}); "
+                                      "copy the file the delivery system wrote")
+            files[name] = line
     return len(rows)
+
+
+def _check_energy(where: str, energy: str) -> None:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", energy, re.ASCII):
+        raise ValidationError(f"{where}: LAYER_ENERGY {energy!r} is not a number; copy the file the delivery "
+                              "system wrote")
+    if not MIN_ENERGY_MEV <= float(energy) <= MAX_ENERGY_MEV:
+        raise ValidationError(f"{where}: LAYER_ENERGY {energy} MeV is not a proton therapy energy "
+                              f"({MIN_ENERGY_MEV:g} to {MAX_ENERGY_MEV:g} MeV); copy the file the delivery system wrote")
 
 
 def _check_layer_file(folder: str, where: str, line: int, column: str, name: str, inv: Inventory) -> None:
@@ -252,6 +319,12 @@ def _check_layer_file(folder: str, where: str, line: int, column: str, name: str
         raise ValidationError(f"{where} line {line}: {column} {shown(name)!r} is not a plain file name; the log "
                               "may only name files in its own folder")
     size = inv.files.get(f"{folder}/{name}")
+    if f"{folder}/{name}" in inv.folders:
+        raise ValidationError(f"delivery folder {folder}: layer file {shown(name)} (named in {where} line {line}) "
+                              "is a folder, not a file; copy the complete delivery log")
+    if name.startswith("."):
+        raise ValidationError(f"{where} line {line} names the hidden file {shown(name)} (hidden files are not part "
+                              "of a case); copy the file the delivery system wrote")
     if size is None:
         raise ValidationError(f"delivery folder {folder}: layer file {shown(name)} (named in {where} line {line}) "
                               "is missing; copy the complete delivery log")
@@ -263,17 +336,16 @@ def _check_layer_file(folder: str, where: str, line: int, column: str, name: str
                               f"{PTN_ROW_BYTES} bytes); copy the complete delivery log")
 
 
-def _check_layer_count(where: str, rows: int, info: dict[str, str]) -> None:
-    """PlanInfo.txt's layer range and PlanRange.txt's rows must agree: a short table is a
-    log that was cut off."""
-    start, stop = info.get("START_LAYER_NUMBER"), info.get("STOP_LAYER_NUMBER")
-    if start is None or stop is None:
-        return
-    first = _int_field(start, where.replace("PlanRange", "PlanInfo"), "START_LAYER_NUMBER")
-    last = _int_field(stop, where.replace("PlanRange", "PlanInfo"), "STOP_LAYER_NUMBER")
-    if last - first + 1 != rows:
-        raise ValidationError(f"{where} lists {rows} layers, but PlanInfo.txt says layers {first} to {last} "
-                              "were delivered; copy the complete delivery log")
+def _layer_range(folder: str, info: dict[str, str]) -> tuple[int, int]:
+    """The delivered layers PlanInfo.txt states: PlanRange.txt must list exactly these (a
+    shorter table is a log that was cut off)."""
+    where = f"{folder}/PlanInfo.txt"
+    first = _int_field(info["START_LAYER_NUMBER"], where, "START_LAYER_NUMBER")
+    last = _int_field(info["STOP_LAYER_NUMBER"], where, "STOP_LAYER_NUMBER")
+    if last < first:
+        raise ValidationError(f"{where}: STOP_LAYER_NUMBER {last} is before START_LAYER_NUMBER {first}; copy the "
+                              "file the delivery system wrote")
+    return first, last
 
 
 def _beam_number(folder: str, info: dict[str, str]) -> int:
@@ -281,10 +353,22 @@ def _beam_number(folder: str, info: dict[str, str]) -> int:
     if raw is None:
         raise ValidationError(f"{folder}/PlanInfo.txt has no DICOM_BEAM_NUMBER line; copy the file the delivery "
                               "system wrote")
-    if not re.fullmatch(r"[0-9]{1,6}", raw, re.ASCII):
+    if not re.fullmatch(r"\+?[0-9]{1,9}", raw, re.ASCII):
         raise ValidationError(f"{folder}/PlanInfo.txt: DICOM_BEAM_NUMBER {raw!r} is not a beam number; copy the "
                               "file the delivery system wrote")
     return int(raw)
+
+
+def _check_loose_files(inv: Inventory) -> None:
+    """A delivery log at the top of the case, or packed in an archive, would be uploaded and
+    never used: its beam would silently be missing from the result."""
+    for name in inv.top_files():
+        if any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in DELIVERY_LOG_FILES):
+            raise ValidationError(f"{name} lies at the top of the case folder: a beam's delivery log belongs in a "
+                                  "folder of its own (one per beam); move it there")
+        if any(fnmatch.fnmatchcase(name.lower(), p) for p in ARCHIVES):
+            raise ValidationError(f"{name} is an archive: unpack it into the case folder (one folder per beam), "
+                                  "then remove it")
 
 
 def _check_same_treatment(folder: str, info: dict[str, str], plan) -> None:
@@ -305,16 +389,20 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
     folder of the case must be a beam's delivery log: nothing is skipped unannounced."""
     inv = inventory(case_dir, marker)
     plan_file, plan, beams = _read_plan(case_dir, inv)
+    _check_loose_files(inv)
     folders = sorted(inv.top_folders())
     if not folders:
         raise ValidationError(f"no delivery log folders (with PlanInfo.txt) in case folder {shown(case_dir.name)}; "
                               "copy one folder per delivered beam into it")
     delivered: dict[int, DeliveredBeam] = {}
     for folder in folders:
+        if f"{folder}/PlanInfo.txt" in inv.folders:
+            raise ValidationError(f"{folder}/PlanInfo.txt is a folder, not a file; copy the file the delivery "
+                                  "system wrote")
         if f"{folder}/PlanInfo.txt" not in inv.files:
             raise ValidationError(f"folder {folder} in the case is not a delivery log: it has no PlanInfo.txt; "
                                   f"copy the complete delivery log folder, or move {folder} out of the case")
-        info = read_plan_info_text(_read_text(case_dir, f"{folder}/PlanInfo.txt"))
+        info = _plan_info(case_dir, folder)
         number = _beam_number(folder, info)
         _check_same_treatment(folder, info, plan)
         beam = beams.get(number)
@@ -330,9 +418,10 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
             raise ValidationError(f"beam {number} has two delivery folders ({delivered[number].folder}, "
                                   f"{folder}); keep the one to recompute")
         delivered[number] = DeliveredBeam(number, str(beam.get("BeamName", f"beam{number}")), folder,
-                                          _check_layers(case_dir, folder, inv, info))
-    return CaseInfo(plan_file=plan_file, study_uid=str(plan.get("StudyInstanceUID", "")),
-                    machine=str(plan.IonBeamSequence[0].get("TreatmentMachineName", "")),
+                                          _check_layers(case_dir, folder, inv, info),
+                                          str(beam.get("TreatmentMachineName", "")))
+    first = delivered[min(delivered)]
+    return CaseInfo(plan_file=plan_file, study_uid=str(plan.get("StudyInstanceUID", "")), machine=first.machine,
                     beams=tuple(delivered[n] for n in sorted(delivered)))
 
 

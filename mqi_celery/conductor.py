@@ -25,7 +25,7 @@ from pathlib import Path
 import pydicom
 from celery import chain, group
 
-from . import case_reader, db, faults, logs, messages, metrics, runtime
+from . import case_reader, db, engine, faults, logs, messages, metrics, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
 from .errors import MQIError, ValidationError, case_removed, describe
@@ -92,6 +92,7 @@ def admit(case_id: str) -> bool:
     with logs.bound(case.trace_id):
         try:
             info = case_reader.read_case(case_dir, settings.scanner.marker)
+            _check_gantries(info, settings.engine.gantry_num)
             files = case_reader.manifest(case_dir, settings.scanner.marker)
         except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the case fails with a reason
             if infrastructure_fault(exc):
@@ -113,6 +114,15 @@ def admit(case_id: str) -> bool:
                                          "beams": [b.number for b in info.beams]}, case_id=case_id)
         dispatch(case_id)
     return True
+
+
+def _check_gantries(info: case_reader.CaseInfo, configured: int | None) -> None:
+    """Each beam's input names its gantry room: known before anything is uploaded."""
+    for beam in info.beams:
+        try:
+            engine.gantry_number(beam.machine, configured)
+        except ValueError as exc:
+            raise ValidationError(f"beam {beam.number}: {exc}") from None
 
 
 def collect_finished() -> int:

@@ -19,11 +19,17 @@ OUTPUT_SUFFIX = {"dcm": ".dcm", "raw": ".raw", "mhd": ".mhd", "mha": ".mha", "np
 
 
 def gantry_number(machine_name: str, configured: int | None) -> int:
-    """GantryNum from config, else from the plan's machine name ("G2" -> 2)."""
+    """GantryNum from config, else from the beam's machine name ("G2" -> 2, "G2_ROOM" -> 2);
+    ValueError when the name does not tell."""
     if configured is not None:
         return configured
-    match = re.search(r"(\d+)$", machine_name or "")
-    return int(match.group(1)) if match else 1
+    name = machine_name or ""
+    trailing = re.search(r"(\d+)$", name)
+    numbers = re.findall(r"\d+", name)
+    if trailing or len(numbers) == 1:
+        return int(trailing.group(1) if trailing else numbers[0])
+    raise ValueError(f"the treatment machine name {name!r} does not say which gantry room it is; set "
+                     "engine.gantry_num in the configuration")
 
 
 def render_input(engine: Engine, *, case_id: str, beam: int, input_dir: PurePosixPath, delivery_dir: str,

@@ -7,7 +7,6 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-import pydicom
 
 from . import case_reader, engine, faults, messages, metrics, runtime
 from .celery_app import app
@@ -49,8 +48,7 @@ def _write_input(case, job) -> None:
     settings, host = runtime.settings(), runtime.host()
     case_dir = Path(case.path)
     case_reader.require_folder(case_dir)  # removed mid-run: the case fails saying so
-    plan = case_dir / case_reader.plan_file(case.manifest)
-    machine = str(pydicom.dcmread(plan, stop_before_pixels=True).IonBeamSequence[0].get("TreatmentMachineName", ""))
+    machine = case_reader.beam_machine(case_dir, case_reader.plan_file(case.manifest), job.beam)
     job_dir = remote_job_dir(host.root, case.case_id, job.beam)
     text = engine.render_input(settings.engine, case_id=case.case_id, beam=job.beam,
                                input_dir=remote_input_dir(host.root, case.case_id), delivery_dir=job.delivery_dir,

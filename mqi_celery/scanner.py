@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY") -> Iterator
                 yield Finding(path)
             elif not children:
                 yield Finding(path, "empty folder: nothing to process; copy a case into it or remove it")
+            elif not subfolders and case_reader.looks_like_delivery_folder({c.name for c in children}):
+                yield Finding(path, "a beam's delivery log on its own, without its case: put it into its case "
+                                    "folder, beside the RP*.dcm plan")
             elif not subfolders:
                 yield Finding(path, "not a case: it holds no RT plan (RP*.dcm) and no delivery log folder "
                                     "(with PlanInfo.txt); copy the complete case or remove it")
@@ -168,6 +172,17 @@ def register(case_dir: Path) -> str | None:
     return case_id
 
 
+def _revalidate_if_replaced(case_dir: Path, case_id: str, failed_at, inbox: Path, settings) -> None:
+    """A case that failed validation and was then dropped again (or changed at its top level:
+    its folder's change time is later) is validated again by itself once settled."""
+    changed = datetime.fromtimestamp(os.lstat(case_dir).st_ctime, timezone.utc).replace(tzinfo=None)
+    if changed > failed_at and is_ready(case_dir, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
+        from .conductor import retry_case
+
+        log.info("case %s changed after it failed validation: validating it again", case_id)
+        retry_case(case_id)
+
+
 def scan_once() -> list[str]:
     """Register every ready new case; record what cannot be a case. Returns the new ids."""
     from .tasks import infrastructure_fault
@@ -175,6 +190,7 @@ def scan_once() -> list[str]:
     settings, store = runtime.settings(), runtime.store()
     inbox = Path(os.path.realpath(settings.paths.inbox))
     known = store.known_paths()
+    invalid = store.validation_failures()
     recorded = store.inbox_problems()
     problems: dict[str, str] = {}
     unsettled: dict[str, str] = {}  # entry -> what to show while it settles
@@ -184,6 +200,8 @@ def scan_once() -> list[str]:
         where = shown(os.path.relpath(finding.path, inbox))
         try:
             if finding.problem is None and str(finding.path) in known:
+                if str(finding.path) in invalid:
+                    _revalidate_if_replaced(finding.path, *invalid[str(finding.path)], inbox, settings)
                 continue
             if not is_ready(finding.path, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
                 # Still being copied, maybe: shown as waiting; a problem seen before stays as it was.

@@ -95,6 +95,13 @@ class Store:
         with self.session() as s:
             return set(s.scalars(select(db.CaseRow.path)))
 
+    def validation_failures(self) -> dict[str, tuple[str, Any]]:
+        """Cases that failed validation, by path: (case id, when)."""
+        with self.session() as s:
+            rows = s.execute(select(db.CaseRow.path, db.CaseRow.case_id, db.CaseRow.updated_at).where(
+                db.CaseRow.status == CaseStatus.FAILED.value, db.CaseRow.step == "validation"))
+            return {path: (case_id, when) for path, case_id, when in rows}
+
     def case_id_taken(self, case_id: str) -> bool:
         with self.session() as s:
             return s.get(db.CaseRow, case_id) is not None

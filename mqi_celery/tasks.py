@@ -53,6 +53,9 @@ class PipelineTask(Task):
 
     #: ``dispatch`` travels in the kwargs (checked here, never passed to ``run``).
     typing = False
+    #: Faults we raise on purpose fail the case with their reason; Celery logs them as
+    #: expected (one line), not as crashes with a traceback.
+    throws = (MQIError,)
 
     def __call__(self, *args, **kwargs):
         dispatch = kwargs.pop("dispatch", None)

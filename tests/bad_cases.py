@@ -100,7 +100,9 @@ def apply(step: dict, case: Path, inbox: Path, outside: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(path)
     elif verb == "plan_info":
-        _edit_plan_info(path / "PlanInfo.txt", step["key"], step["value"])
+        _edit_plan_info(path / "PlanInfo.txt", step)
+    elif verb == "recode":
+        path.write_bytes(path.read_text().encode(step["encoding"]))
     elif verb == "plan_range":
         _edit_plan_range(path / "PlanRange.txt", step)
     elif verb == "plan":
@@ -109,11 +111,16 @@ def apply(step: dict, case: Path, inbox: Path, outside: Path) -> None:
         raise ValueError(f"unknown corpus step {verb!r}")
 
 
-def _edit_plan_info(info: Path, key: str, value: str | None) -> None:
-    lines = [line for line in info.read_text().splitlines() if not line.startswith(key + ",")]
+def _edit_plan_info(info: Path, step: dict) -> None:
+    """Set (or with value null remove) one key; ``append``: add a second line for it;
+    ``first``: put it on the first line; ``bom``: start the file with a byte order mark."""
+    key, value = step["key"], step["value"]
+    lines = info.read_text().splitlines()
+    if not step.get("append"):
+        lines = [line for line in lines if not line.startswith(key + ",")]
     if value is not None:
-        lines.insert(2, f"{key},{value}")
-    info.write_text("\r\n".join(lines) + "\r\n")
+        lines.insert(0 if step.get("first") else len(lines) if step.get("append") else 2, f"{key},{value}")
+    info.write_text(("\ufeff" if step.get("bom") else "") + "\r\n".join(lines) + "\r\n")
 
 
 def _edit_plan_range(ranges: Path, step: dict) -> None:
@@ -123,9 +130,12 @@ def _edit_plan_range(ranges: Path, step: dict) -> None:
         body = body[:step["keep_rows"]]
     if "row" in step:
         body[step["row"] - 1][header.index(step["column"])] = step["value"]
+    if "first_column" in step:
+        i = header.index(step["first_column"])
+        header, body = [header[i], *header[:i], *header[i + 1:]], [[r[i], *r[:i], *r[i + 1:]] for r in body]
     out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerows([header, *body])
-    ranges.write_text(out.getvalue())
+    csv.writer(out, lineterminator=step.get("line_end", "\r\n")).writerows([header, *body])
+    ranges.write_text(("\ufeff" if step.get("bom") else "") + out.getvalue(), newline="")
 
 
 def _edit_plan(plan: Path, change: dict) -> None:

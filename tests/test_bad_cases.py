@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import engine, runtime
 from mqi_celery.case_reader import manifest, read_case
 from mqi_celery.errors import ValidationError
 from mqi_celery.models import CaseStatus
@@ -89,6 +89,9 @@ def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
             assert_reason(str(verdict[0]), bad)
         else:
             assert verdict == [None]
+            if "gantry" in bad.expect:  # each beam's own machine says its room
+                info = read_case(inbox / bad.path)
+                assert {engine.gantry_number(b.machine, None) for b in info.beams} == {bad.expect["gantry"]}
 
     registered: list[str] = []
     assert read_outside(inbox, lambda: registered.extend(scan_once())) == []
@@ -304,3 +307,17 @@ def test_a_file_swapped_for_a_link_after_validation_is_never_read_or_uploaded(co
     remote = Path(runtime.settings().transport.remote_root)
     assert not any(b"must never be read" in f.read_bytes() for f in remote.rglob("*") if f.is_file())
     assert not list(remote.rglob("*.staging"))
+
+
+def test_a_case_dropped_again_after_it_failed_validation_is_validated_again(config_file, monkeypatch):
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    broken = make_case(inbox, "redropped", marker=True)
+    next(broken.glob("*/*.ptn")).unlink()
+    assert scan_once() == ["redropped"] and store.get_case("redropped").status is CaseStatus.FAILED
+    assert scan_once() == [] and store.get_case("redropped").attempts == 0  # unchanged: left alone
+    shutil.rmtree(broken)
+    make_case(inbox, "redropped", marker=True)  # the corrected copy, at the same place
+    scan_once()
+    case = store.get_case("redropped")
+    assert case.status is CaseStatus.QUEUED and case.error is None and case.attempts == 1
