@@ -77,7 +77,6 @@ def topology(settings: Settings, only: set[str] | None = None) -> list[Program]:
     if p.beat:
         programs.append(Program("beat", [*MQI, "beat"]))
     if p.flower:
-        flower_env(settings)  # refuses to start without credentials: say so now, not in a log
         programs.append(Program("flower", [*MQI, "flower"]))
     if p.metrics and settings.metrics.port is not None:
         programs.append(Program("metrics", [*MQI, "metrics"]))
@@ -87,6 +86,8 @@ def topology(settings: Settings, only: set[str] | None = None) -> list[Program]:
             raise ConfigError(f"--only: no process named {', '.join(sorted(only - names))} here "
                               f"(this host runs {', '.join(sorted(names))})")
         programs = [prog for prog in programs if prog.name in only]
+    if any(prog.name == "flower" for prog in programs):
+        flower_env(settings)  # refuses to start without credentials: say so now, not in a log
     return programs
 
 
