@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ app = typer.Typer(help="mqi-celery: proton delivery logs recomputed by MOQUI, un
 cases_app = typer.Typer(help="Look at cases, retry or cancel them.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 deploy_app = typer.Typer(help="Write deployment files for this host.", no_args_is_help=True)
+db_app = typer.Typer(help="The state database: schema upgrades and backups.", no_args_is_help=True)
 app.add_typer(cases_app, name="cases")
 app.add_typer(config_app, name="config")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(db_app, name="db")
 console = Console()
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
@@ -379,6 +382,30 @@ def deploy_systemd(output: Path = typer.Option(Path("systemd"), help="Folder to 
         console.print(f"wrote {output / name}", highlight=False)
     console.print(f"install: cp {output}/*.service {output}/mqi.target /etc/systemd/system/ && "
                   "systemctl daemon-reload && systemctl enable --now mqi.target", highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade():
+    """Bring the database schema to this version's (Alembic; every process also does this
+    at start). Run it once after installing a new version, before starting the processes."""
+    from . import db
+
+    engine = db.make_engine(_settings().database.url)
+    db.migrate(engine)
+    console.print(f"database schema at revision {db.current_revision(engine)}", highlight=False)
+
+
+@db_app.command("backup")
+def db_backup(target: Path = typer.Argument(..., help="File to write (SQLite: a copy; PostgreSQL: pg_dump custom format).")):
+    """A consistent copy of the state database, taken while the pipeline runs."""
+    from . import db
+
+    url = _settings().database.url
+    try:
+        db.backup(url, target)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        _fail(f"backup to {target} failed: {exc}")
+    console.print(f"wrote {target} ({target.stat().st_size} bytes)", highlight=False)
 
 
 def _send_reconcile() -> None:

@@ -201,3 +201,29 @@ def migrate(engine: Engine) -> None:
     with _migration_lock(engine), engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def backup(url: str, target: Path) -> None:
+    """SQLite: the online backup API (consistent while others write). PostgreSQL: pg_dump."""
+    import sqlite3
+    import subprocess
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if parsed.get_backend_name() == "sqlite":
+        source, copy = sqlite3.connect(parsed.database), sqlite3.connect(target)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+            source.close()
+        return
+    libpq = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    subprocess.run(["pg_dump", "--format=custom", f"--file={target}", libpq], check=True, capture_output=True)

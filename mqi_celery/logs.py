@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,8 @@ def configure(level: str = "INFO", file: Path | None = None, stream=sys.stderr) 
     handlers: list[logging.Handler] = [logging.StreamHandler(stream)]
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(file, encoding="utf-8"))
+        # Watched: after logrotate moves the file away, the next line goes to a new one.
+        handlers.append(logging.handlers.WatchedFileHandler(file, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
