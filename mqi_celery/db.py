@@ -173,7 +173,11 @@ def beat_lock(engine: Engine, on_wait=None, poll_seconds: float = 5.0):
                     on_wait = None
                 time.sleep(poll_seconds)
             conn.commit()
-            yield  # the lock lives as long as this connection
+            try:
+                yield  # held by this session: it ends with it, or here
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(474748)"))
+                conn.commit()
         return
     fd = os.open((engine.url.database or "mqi") + ".beat.lock", os.O_CREAT | os.O_RDWR, 0o600)
     try:

@@ -11,6 +11,7 @@ from sqlalchemy import inspect, text
 
 from mqi_celery import db
 from mqi_celery.store import Store
+from tests.polling import poll_until
 from tests.services import postgres_database
 
 OLD_CASES = [  # case_id, status, step (as the first release left them)
@@ -64,4 +65,40 @@ def test_upgrade_from_the_first_schema_resumes_unfinished_cases(kind, tmp_path):
         assert (job.resubmits, job.judge_attempts) == (0, 0)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def test_the_beat_lock_lets_one_beat_run_and_the_next_take_over(kind, tmp_path):
+    """`mqi beat` runs celery beat only while it holds this lock: a second one waits."""
+    import threading
+
+    with database(kind, tmp_path) as url:
+        engine = db.make_engine(url)
+        db.migrate(engine)
+        events: list[str] = []
+        first_holds, release = threading.Event(), threading.Event()
+
+        def first():
+            with db.beat_lock(engine):
+                events.append("first runs")
+                first_holds.set()
+                release.wait(60)
+            events.append("first stopped")
+
+        def second():
+            with db.beat_lock(engine, on_wait=lambda: events.append("second waits"), poll_seconds=0.1):
+                events.append("second runs")
+
+        t1 = threading.Thread(target=first)
+        t1.start()
+        assert first_holds.wait(60)
+        t2 = threading.Thread(target=second)
+        t2.start()
+        poll_until(lambda: "second waits" in events, 60, what="the second beat to wait")
+        assert "second runs" not in events
+        release.set()
+        t1.join(60)
+        t2.join(60)
+        assert events == ["first runs", "second waits", "first stopped", "second runs"]
         engine.dispose()
