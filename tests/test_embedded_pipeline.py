@@ -162,3 +162,17 @@ def test_a_step_that_fails_for_good_fails_the_case_with_its_reason(embedded, tmp
     assert case["error"] == "upload: not a directory (remote); fix it, then retry the case"
     assert all(j["status"] == "FAILED" for j in case["jobs"])
     assert [e["command"] for e in case["events"]][-1] == "case_failed"
+
+
+def test_the_embedded_run_serves_metrics_when_asked(embedded):
+    from tests.operations import free_port, sample, scrape
+
+    port = free_port()
+    run = embedded(metrics={"port": port, "address": "127.0.0.1"})
+    make_case(run.inbox, "measured", marker=True)
+    assert run.wait_case("measured", timeout=120)["status"] == "COMPLETED"
+    samples = poll_until(lambda: (s := scrape(port)) and sample(s, "mqi_cases_total", status="COMPLETED") == 1 and s,
+                         60, what="the endpoint to count the case")
+    assert sample(samples, "mqi_step_duration_seconds_count", step="run") == 3
+    assert sample(samples, "mqi_active_workers", queue="transfer") == 3  # worker.concurrency prefork children
+    assert sample(samples, "mqi_active_workers", queue="control") == 1
