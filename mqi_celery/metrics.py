@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import load_settings
+from .errors import ConfigError
 
 
 def _multiproc_dir() -> str | None:
@@ -20,7 +21,10 @@ def _multiproc_dir() -> str | None:
     reads it once. Off (samples stay in memory, unseen) unless an endpoint is configured."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ConfigError:  # reported where the configuration is used; metrics stay in memory
+        return None
     if settings.metrics.port is None and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return None
     folder = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.metrics.multiproc_dir))

@@ -79,10 +79,11 @@ class SSHHost:
                 tempfile.TemporaryFile() as tar_err:
             names.write(b"\0".join(r.encode("utf-8", "surrogateescape") for r in rels))
             names.flush()
-            # --null: names verbatim (never options); -h: copy what a symlink points to, as
-            # LocalHost does, instead of planting the link on the cluster
+            # --null: names verbatim (never options). No --dereference: a link swapped into a
+            # validated case is never followed (nothing outside the inbox is read); it fails
+            # the upload's verification instead.
             argv = ["tar", "-C", str(local_dir), "--null", "--no-unquote", "--no-recursion",
-                    "--dereference", "-T", names.name, "-b", blocks, "-cf", "-"]
+                    "-T", names.name, "-b", blocks, "-cf", "-"]
 
             def op(conn: ssh_pool.Connection) -> None:
                 tar_err.seek(0)

@@ -44,7 +44,7 @@ class Installation:
     """`mqi up` with a configuration of its own; ``stop`` sends SIGTERM like systemd."""
 
     def __init__(self, folder: Path, broker: str, database: str, monkeypatch, **sections):
-        self.folder, self.metrics_port = folder, free_port()
+        self.folder, self.metrics_port, self.broker = folder, free_port(), broker
         base = {"broker": {"url": broker, "result_backend": "db+" + database}, "database": {"url": database},
                 "metrics": {"port": self.metrics_port, "address": "127.0.0.1"},
                 "processes": {"ping_interval_seconds": 1, "ping_deadline_seconds": 15, "stop_grace_seconds": 60,
@@ -81,9 +81,14 @@ class Installation:
         return int(lines[-1].split("(pid ")[1].split(")")[0]) if lines else 0
 
     def workers_answering(self) -> set[str]:
-        from mqi_celery.celery_app import app
+        # Its own client: this process's Celery app read some earlier test's broker.
+        from celery import Celery
 
-        return {node.split("@")[0] for reply in app.control.ping(timeout=2.0) for node in reply}
+        client = Celery(broker=self.broker)
+        try:
+            return {node.split("@")[0] for reply in client.control.ping(timeout=2.0) for node in reply}
+        finally:
+            client.close()
 
     def stop(self, timeout: float = 120) -> int:
         if self.proc and self.proc.poll() is None:

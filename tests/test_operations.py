@@ -294,7 +294,10 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(install
 
         def empty_ones():
             return [q for q in queries if not prometheus_query(prometheus_port, q)]
-        poll_until(lambda: not empty_ones(), 120, interval=2, what="every dashboard query to return data")
+        try:
+            poll_until(lambda: not empty_ones(), 120, interval=2, what="every dashboard query to return data")
+        except AssertionError:
+            raise AssertionError(f"no data for: {empty_ones()}") from None
         finished = prometheus_query(prometheus_port, 'sum by (status) (mqi_cases_total)')
         assert {r["metric"]["status"]: float(r["value"][1]) for r in finished} == {"COMPLETED": 1.0, "FAILED": 1.0}
         assert prometheus_query(prometheus_port, 'max(celery_queue_length{queue_name="transfer"})')
