@@ -33,11 +33,18 @@ def shown(name: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def name_problem(name: str) -> str | None:
-    """What makes a file or folder name inside a case unfit to travel, or None."""
+def is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python keeps them as lone surrogates)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def name_problem(name: str) -> str | None:
+    """What makes a file or folder name inside a case unfit to travel, or None."""
+    if not is_utf8(name):
         return "is not valid UTF-8 text"
     if PORTABLE_NAME.fullmatch(name):
         return None

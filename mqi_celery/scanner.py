@@ -26,7 +26,7 @@ from pathlib import Path
 from . import case_reader, messages, runtime
 from .celery_app import app
 from .conductor import admit
-from .naming import case_id_for, shown
+from .naming import case_id_for, is_utf8, shown
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY") -> Iterator
             if problem:
                 yield Finding(path, problem)
                 continue
-            if _undecodable(entry.name):
+            if not is_utf8(entry.name):
                 yield Finding(path, UNREADABLE_NAME)
                 continue
             children = _entries(path, marker)
@@ -109,14 +109,6 @@ def _not_a_folder(entry: os.DirEntry, inbox: Path) -> str | None:
     if entry.is_file(follow_symlinks=False):
         return "a file, not a case folder: put each case (its RP*.dcm plan and delivery log folders) in a folder"
     return "not a file or folder (a pipe, socket or device); remove it"
-
-
-def _undecodable(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _looks_like_case(entries: list[os.DirEntry]) -> bool:
