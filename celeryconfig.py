@@ -78,5 +78,6 @@ beat_schedule = {
                   "options": {"expires": _settings.scheduler.poll_interval_seconds}},
     "reconcile": {"task": "mqi.reconcile", "schedule": _settings.reconciler.interval_seconds,
                   "options": {"expires": _settings.reconciler.interval_seconds}},
-    "system-status": {"task": "mqi.report_system_status", "schedule": 60.0, "options": {"expires": 60.0}},
+    "system-status": {"task": "mqi.report_system_status", "schedule": _settings.curator.interval_seconds,
+                      "options": {"expires": _settings.curator.interval_seconds}},
 }

@@ -68,7 +68,7 @@ def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True)
          "updated_at": case.updated_at.isoformat() + "Z" if case.updated_at else None}
     if with_jobs:
         d["jobs"] = [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "step": j.step,
-                      "error": j.error, "scheduler": j.scheduler, "remote_id": j.remote_id,
+                      "error": j.error, "scheduler": j.scheduler, "remote_id": j.remote_id, "gpu": j.gpu_id,
                       "exit_code": j.exit_code, "results": j.results} for j in case.jobs]
     if events is not None:
         d["events"] = events
@@ -124,6 +124,29 @@ def inbox(as_json: bool = JsonOpt):
         console.print("every entry of the inbox is a case (or not settled yet)")
 
 
+@app.command("status")
+def status(as_json: bool = JsonOpt,
+           refresh: bool = typer.Option(False, "--refresh", help="Read the host now instead of showing the "
+                                                                  "System Curator's latest reading.")):
+    """The host as the System Curator last read it: whether it takes work (and why not),
+    GPUs (free, ours, someone else's), disk, Slurm nodes; cases, jobs, queue depths and
+    the cases that wait, with the reason."""
+    from .curator import system_status
+    from .status_view import queue_depths, status_view
+
+    store = _store()
+    try:
+        reading, _ = store.reading(runtime.host().name)
+        s = system_status(refresh=refresh or reading is None)
+    except MQIError as exc:
+        _fail(str(exc))
+    s["queues"] = queue_depths()
+    if as_json:
+        print(json.dumps(s, indent=2))
+    else:
+        console.print(status_view(s))
+
+
 @cases_app.command("list")
 def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with this status."), as_json: bool = JsonOpt):
     """All cases, oldest first; below them, inbox entries that are not cases (`mqi inbox`)."""
@@ -156,7 +179,8 @@ def cases_show(case_id: str, as_json: bool = JsonOpt):
     if case.wait_reason:
         console.print(f"[yellow]waiting: {case.wait_reason}[/yellow]", highlight=False)
     for j in d["jobs"]:
-        console.print(f"beam {j['beam']} ({j['beam_name']}): {j['status']} {j['error'] or ''}", highlight=False)
+        step = f" ({j['step']})" if j["step"] == "waiting" else ""
+        console.print(f"beam {j['beam']} ({j['beam_name']}): {j['status']}{step} {j['error'] or ''}", highlight=False)
     for e in d["events"]:
         console.print(f"{e['timestamp']} {e['command']} {json.dumps(e['payload'])}", highlight=False)
 

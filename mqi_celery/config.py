@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -181,6 +181,9 @@ class Scheduler(Section):
     # A finished job whose log or outputs cannot be read: judged again at each poll, this
     # many times at most, then the beam fails with the last error.
     max_judge_attempts: int = Field(10, ge=1)
+    # At most this many beam jobs of this installation on the host at once (None: no cap
+    # of ours; direct hosts are capped by their free GPUs anyway).
+    max_active_jobs: int | None = Field(None, ge=1)
     slurm: SlurmSettings = SlurmSettings()  # used when kind is slurm
 
 
@@ -210,7 +213,9 @@ class Engine(Section):
     # {input_file} and {job_dir} are substituted per beam; each is quoted for the shell.
     command: str = "mqi-demo-engine {input_file}"
     timeout_seconds: float = Field(900.0, gt=0)
-    gpu_ids: tuple[int, ...] = (0,)
+    # Direct hosts: the GPUs beams may claim (one each, as CUDA_VISIBLE_DEVICES). None: every
+    # GPU nvidia-smi lists; none listed (no nvidia-smi) = beams run with no GPU assigned.
+    gpu_ids: tuple[int, ...] | None = None
     scorer: str = "Dose"
     output_format: Literal["dcm", "raw", "mhd", "mha", "npz"] = "dcm"
     # Gantry room; None = read from the plan's TreatmentMachineName (e.g. "G2" -> 2).
@@ -228,6 +233,22 @@ class Engine(Section):
             raise ValueError(f"only {{input_file}} and {{job_dir}} may stand in braces (write {{{{ }}}} for "
                              f"a literal brace): {exc!r}") from None
         return value
+
+
+class Curator(Section):
+    """The System Curator: periodic readings of the host (GPUs, disk, Slurm nodes) and the
+    admission rules built on them."""
+    interval_seconds: float = Field(30.0, gt=0)
+    reading_timeout_seconds: float = Field(30.0, gt=0)
+    # Room a case needs on the remote disk beyond its own size (its results, logs).
+    disk_margin: ByteSize = ByteSize(2 * 1024**3)
+    # A GPU no beam of ours holds is someone else's while it has a compute process, or
+    # uses at least this much memory (containers may hide the processes).
+    gpu_busy_memory_mib: int = Field(1024, ge=0)
+    # Direct hosts: a GPU reading older than this is taken again before a GPU is claimed.
+    gpu_reading_max_age_seconds: float = Field(15.0, gt=0)
+    # A claim whose job holds no run this long after it was made is released.
+    claim_grace_seconds: float = Field(300.0, gt=0)
 
 
 class Logging(Section):
@@ -309,6 +330,7 @@ class Settings(Section):
     transport: Transport = Transport()
     scheduler: Scheduler = Scheduler()
     engine: Engine = Engine()
+    curator: Curator = Curator()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
     flower: Flower = Flower()

@@ -8,7 +8,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Integer, String, Text,
+from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint, create_engine, event, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -83,7 +83,22 @@ class HostRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     poll_failing_since: Mapped[datetime | None] = mapped_column(DateTime)
     poll_error: Mapped[str | None] = mapped_column(Text)
+    reading: Mapped[dict | None] = mapped_column(JSON)  # the System Curator's latest (see readings)
+    read_at: Mapped[datetime | None] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class ClaimRow(Base):
+    """A resource of a host held by one beam job: ``gpu:N`` on direct hosts, ``job:N`` (a
+    slot of scheduler.max_active_jobs). The primary key makes a claim atomic: two
+    workers can never hold the same one. Released when the job ends (see store)."""
+    __tablename__ = "claims"
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(32), primary_key=True)
+    case_id: Mapped[str] = mapped_column(String(128))
+    beam: Mapped[int] = mapped_column(Integer)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (Index("ix_claims_job", "case_id", "beam"),)
 
 
 class InboxProblemRow(Base):

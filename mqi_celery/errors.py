@@ -36,6 +36,11 @@ class ResourceError(MQIError):
     transient_default = True
 
 
+class Held(MQIError):
+    """The host cannot take the case now (no room, partition drained): the case waits with
+    this reason and goes on by itself once the host can (see admission)."""
+
+
 class TransferError(MQIError):
     """A copy failed or did not verify. Retried: a re-upload usually cures it."""
 

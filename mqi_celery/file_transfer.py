@@ -11,11 +11,11 @@ import os
 import time
 from pathlib import Path, PurePosixPath
 
-from . import case_reader, faults, messages, metrics, runtime
+from . import admission, case_reader, faults, messages, metrics, runtime
 from .celery_app import app
-from .errors import MQIError, TransferError, ValidationError
+from .errors import Held, MQIError, TransferError, ValidationError
 from .hosts import Host, case_file_sha256, file_sha256
-from .models import JobStatus
+from .models import CaseStatus, JobStatus
 from .naming import remote_input_dir, remote_output_dir
 from .tasks import PipelineTask
 
@@ -98,6 +98,8 @@ def upload_case(self, case_id: str) -> str:
     case = store.get_case(case_id)
     if case is not None and case.stage != "upload":  # redelivered after it finished: the chain goes on
         return "skipped: already uploaded"
+    if case is not None and case.status is CaseStatus.QUEUED and (hold := admission.upload_hold(case)):
+        raise Held(hold)  # it waits QUEUED, with the reason; resumed once the host has room
     case = store.begin_step(case_id, "uploading")
     if case is None:
         return "skipped: case no longer active"

@@ -31,6 +31,9 @@ COMPONENT = {
     "case_resumed": "reconciler",
     "execution_resubmitted": "executor",
     "system_status_update": "curator",
+    "case_waiting": "curator",
+    "execution_waiting": "curator",
+    "claim_released": "curator",
 }
 
 

@@ -18,7 +18,8 @@ from .db import utcnow
 from .errors import ConnectionError_, MQIError
 from .models import JobStatus
 from .naming import remote_job_dir, remote_output_dir
-from .remote_executor import finish, overdue, submit
+from .store import WAITING
+from .remote_executor import finish, overdue, start_or_wait, submit
 from .tasks import for_case
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,31 @@ def poll_jobs() -> int:
                                   job.beam, job.case_id)
     finally:
         collect_finished()
+        start_waiting()
     return len(active)
+
+
+def start_waiting() -> int:
+    """Beams that waited for their host (a free GPU, a job slot, a partition back up) start
+    once it admits them, oldest case first; stops at the first still refused (the same
+    host would refuse the next one too)."""
+    store, started = runtime.store(), 0
+    for job in store.waiting_jobs():
+        with for_case(job.case_id):
+            try:
+                if not start_or_wait(job.case_id, job.beam):
+                    break
+            except MQIError as exc:
+                if exc.transient:  # the host did not answer: the beam waits for the next poll
+                    log.info("beam %s of %s not started yet: %s", job.beam, job.case_id, exc)
+                    break
+                store.update_job(job.case_id, job.beam, status=JobStatus.FAILED, step="finished",
+                                 error=f"could not be submitted: {exc}", only_from={JobStatus.PENDING})
+            started += 1
+            case = store.get_case(job.case_id)
+            if case.wait_reason and not any(j.step == WAITING for j in case.jobs):
+                store.update_case(job.case_id, wait_reason=None)
+    return started
 
 
 def _look_after(store, host, scheduler, job, state, answered: bool) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from . import logs, messages, runtime
+from . import admission, logs, messages, runtime
 from .celery_app import app
 from .conductor import admit, dispatch, fail_case
 from .db import utcnow
@@ -34,7 +34,7 @@ def reconcile() -> dict:
 
 def reconcile_once(limit: int = 200) -> dict:
     settings, store = runtime.settings(), runtime.store()
-    summary = {"probed": _probe(), "resumed": _resume_parked(), "reconciled": 0, "failed": 0, "postponed": 0}
+    summary = {"probed": _probe(), "resumed": resume_parked(), "reconciled": 0, "failed": 0, "postponed": 0}
     expired = store.expired_leases(limit)
     busy = _busy_queues() if expired else set()
     for case_id in expired:
@@ -72,8 +72,9 @@ def _why(case) -> str:
             f"installation restarted); dispatched again")
 
 
-def _resume_parked() -> int:
-    """Cases that waited for a host whose breaker is closed again go on where they were."""
+def resume_parked() -> int:
+    """Cases that waited for their host go on where they were once it is reachable (its
+    breaker closed) and admits them again (room on its disk, its partition up)."""
     store, breaker = runtime.store(), runtime.breaker()
     if breaker is not None and breaker.state()[0] != "closed":
         return 0
@@ -81,6 +82,11 @@ def _resume_parked() -> int:
     for case_id in store.parked_cases():
         case = store.get_case(case_id)
         with logs.bound(case.trace_id):
+            hold = admission.still_held(case)
+            if hold is not None:
+                if hold != case.wait_reason:
+                    store.update_case(case_id, wait_reason=hold)
+                continue
             messages.emit("case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
             live = case.lease_until is not None and case.lease_until > utcnow()
             if case.status is CaseStatus.NEW or live:  # a live task still carries it: only the note goes

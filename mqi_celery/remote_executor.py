@@ -8,20 +8,16 @@ from datetime import timedelta
 from pathlib import Path
 
 
-from . import case_reader, engine, faults, messages, metrics, runtime
+from . import admission, case_reader, engine, faults, messages, metrics, runtime
 from .celery_app import app
 from .db import utcnow
 from .models import JobStatus
 from .naming import remote_input_dir, remote_job_dir, remote_output_dir
 from .schedulers import JobSpec
+from .store import WAITING
 from .tasks import PipelineTask
 
 log = logging.getLogger(__name__)
-
-
-def _gpu_for(beam_index: int) -> int:
-    gpus = runtime.settings().engine.gpu_ids
-    return gpus[beam_index % len(gpus)]
 
 
 @app.task(name="mqi.submit_beam", base=PipelineTask, bind=True)
@@ -36,12 +32,29 @@ def submit_beam(self, case_id: str, beam: int) -> str:
         return f"skipped: case is in stage {case.stage}"
     job = next(j for j in case.jobs if j.beam == beam)
     if job.status is JobStatus.PENDING:
-        if job.step != "input written":  # not after a crash past this point: the folder may hold its run
+        if job.step not in ("input written", WAITING):  # after a crash past this point the folder may hold its run
             _write_input(case, job)
-        submit(case_id, beam, _gpu_for([j.beam for j in case.jobs].index(beam)), status=JobStatus.RUNNING)
+        start_or_wait(case_id, beam)
     if store.finish_submits(case_id):
         store.update_case(case_id, step="running")
     return "submitted"
+
+
+def start_or_wait(case_id: str, beam: int) -> bool:
+    """Submit the beam if its host admits it now (on a direct host: with a GPU of its own);
+    else it waits, with the reason on its case, and the poller starts it later."""
+    grant = admission.start_beam(case_id, beam)
+    store = runtime.store()
+    if isinstance(grant, admission.Grant):
+        submit(case_id, beam, grant.gpu, status=JobStatus.RUNNING)
+        return True
+    job = store.get_job(case_id, beam)
+    if job.step != WAITING:
+        store.update_job(case_id, beam, step=WAITING, only_from={JobStatus.PENDING})
+        messages.emit("execution_waiting", {"beam": beam, "reason": grant}, case_id=case_id)
+    if store.get_case(case_id).wait_reason != grant:
+        store.update_case(case_id, wait_reason=grant)
+    return False
 
 
 def _write_input(case, job) -> None:
@@ -78,6 +91,7 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
         remote_id=remote_id, gpu_id=gpu_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
         finished_at=None, error=None, **fields)
     if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
+        runtime.store().release_claims(case_id, beam)
         metrics.SCHEDULER_QUERIES.labels(host=host.name, command="cancel").inc()
         scheduler.cancel(remote_id, job_dir)
         return "cancelled"

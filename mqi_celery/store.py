@@ -20,11 +20,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from . import db
-from .models import ACTIVE_CASE, Case, CaseStatus, Job, JobStatus, check_transition
+from .host_records import HostRecords
+from .models import ACTIVE_CASE, TERMINAL_JOB, Case, CaseStatus, Job, JobStatus, check_transition
 
 _ACTIVE = [s.value for s in ACTIVE_CASE]
 HOST_EVENTS = ("host_unreachable", "host_reachable")
 _LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
+WAITING = "waiting"  # the step of a PENDING job its host cannot take yet (the poller starts it)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def _job(row: db.JobRow) -> Job:
                judge_attempts=row.judge_attempts or 0, finished_at=row.finished_at)
 
 
-class Store:
+class Store(HostRecords):
     def __init__(self, engine: Engine):
         self.engine = engine
         self._sessions = db.session_factory(engine)
@@ -139,7 +141,7 @@ class Store:
         return self.update_case(case_id, status=CaseStatus.PROCESSING, step=step,
                                 only_from={CaseStatus.QUEUED, CaseStatus.PROCESSING})
 
-    def _update(self, model, where, kind, status_type, status, only_from, fields):
+    def _update(self, model, where, kind, status_type, status, only_from, fields, after=None):
         with self.session() as s:
             row = self._lock(s, model, *where).one_or_none()
             if row is None:
@@ -153,6 +155,8 @@ class Store:
             for key, value in fields.items():
                 setattr(row, key, value)
             row.updated_at = db.utcnow()
+            if after is not None:
+                after(s, row)
             s.flush()
             return row
 
@@ -208,9 +212,10 @@ class Store:
         return self._change_case(case_id, change)
 
     def finish_submits(self, case_id: str) -> bool:
-        """Once no beam waits to be submitted, the case is the poller's (stage "run")."""
-        pending = exists().where(db.JobRow.case_id == db.CaseRow.case_id,
-                                 db.JobRow.status == JobStatus.PENDING.value)
+        """Once no beam is left to submit, the case is the poller's (stage "run"); beams
+        waiting for their host (a GPU, a slot, a drained partition) are the poller's too."""
+        pending = exists().where(db.JobRow.case_id == db.CaseRow.case_id, db.JobRow.status == JobStatus.PENDING.value,
+                                 db.JobRow.step.is_distinct_from(WAITING))
         stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage == "submit",
                                          db.CaseRow.status == CaseStatus.PROCESSING.value, ~pending)
                 .values(stage="run", lease_until=None, reconciles=0, updated_at=db.utcnow()))
@@ -245,6 +250,14 @@ class Store:
             return list(s.scalars(select(db.CaseRow.case_id).where(
                 db.CaseRow.status.in_(_ACTIVE), db.CaseRow.wait_reason.is_not(None))))
 
+    def waiting_cases(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Active cases that wait for something outside them, and why (oldest first)."""
+        with self.session() as s:
+            rows = s.execute(select(db.CaseRow.case_id, db.CaseRow.status, db.CaseRow.stage, db.CaseRow.wait_reason)
+                             .where(db.CaseRow.status.in_(_ACTIVE), db.CaseRow.wait_reason.is_not(None))
+                             .order_by(db.CaseRow.created_at).limit(limit)).all()
+        return [{"case_id": c, "status": st, "stage": sg, "reason": r} for c, st, sg, r in rows]
+
     def void_leases(self) -> int:
         """At start-up of a whole installation no task can be alive: every lease is void."""
         stmt = (update(db.CaseRow).where(db.CaseRow.status.in_(_ACTIVE), db.CaseRow.lease_until.is_not(None))
@@ -259,28 +272,6 @@ class Store:
             return list(s.scalars(select(db.CaseRow.case_id).where(
                 db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run", ~live)))
 
-    def host_row(self, s: Session, name: str) -> db.HostRow:
-        """The host's row, locked; created first if new (two processes may race to)."""
-        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        s.execute(insert(db.HostRow).values(name=name, state="closed", failures=0, updated_at=db.utcnow())
-                  .on_conflict_do_nothing())
-        return self._lock(s, db.HostRow, db.HostRow.name == name).one()
-
-    def note_poll(self, host: str, error: str | None):
-        """Record whether the host's scheduler answered; returns since when it fails (or None)."""
-        now = db.utcnow()
-        if error is None:  # the usual case, every interval: one UPDATE that matches nothing
-            stmt = (update(db.HostRow).where(db.HostRow.name == host, db.HostRow.poll_failing_since.is_not(None))
-                    .values(poll_failing_since=None, poll_error=None, updated_at=now))
-            with self.session() as s:
-                s.execute(stmt.execution_options(synchronize_session=False))
-            return None
-        with self.session() as s:
-            row = self.host_row(s, host)
-            row.poll_failing_since = row.poll_failing_since or now
-            row.poll_error, row.updated_at = error[:500], now
-            return row.poll_failing_since
-
     def count_by_status(self) -> tuple[dict[str, int], dict[str, int]]:
         """Cases and jobs per status, counted by the database."""
         from sqlalchemy import func
@@ -289,11 +280,6 @@ class Store:
             cases = dict(s.execute(select(db.CaseRow.status, func.count()).group_by(db.CaseRow.status)).all())
             jobs = dict(s.execute(select(db.JobRow.status, func.count()).group_by(db.JobRow.status)).all())
         return cases, jobs
-
-    def host_states(self) -> dict[str, str]:
-        """Each remote host's circuit breaker state."""
-        with self.session() as s:
-            return dict(s.execute(select(db.HostRow.name, db.HostRow.state)).all())
 
     # --- the inbox ---------------------------------------------------------------------
     def inbox_problems(self) -> dict[str, str]:
@@ -348,8 +334,23 @@ class Store:
         where = (db.JobRow.case_id == case_id, db.JobRow.beam == beam)
         if if_remote_id is not None:
             where += (db.JobRow.remote_id == if_remote_id,)
-        row = self._update(db.JobRow, where, "job", JobStatus, status, only_from, fields)
+        row = self._update(db.JobRow, where, "job", JobStatus, status, only_from, fields,
+                           after=self._release_if_over if status in TERMINAL_JOB else None)
         return None if row is None else _job(row)
+
+    def _release_if_over(self, s: Session, row: db.JobRow) -> None:
+        """A job that ended gives its GPU and slot back in the same transaction: no path
+        (finished, failed, cancelled, verification failed) can leave them held."""
+        self.release_claims(row.case_id, row.beam, s=s)
+
+    def waiting_jobs(self, limit: int = 500) -> list[Job]:
+        """Beams ready to run that wait for their host, oldest case first."""
+        with self.session() as s:
+            rows = s.scalars(select(db.JobRow).join(db.CaseRow, db.CaseRow.case_id == db.JobRow.case_id).where(
+                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step == WAITING,
+                db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run")
+                .order_by(db.CaseRow.created_at, db.JobRow.case_id, db.JobRow.beam).limit(limit))
+            return [_job(r) for r in rows]
 
     def active_jobs(self) -> list[Job]:
         """Jobs handed to a scheduler and not yet judged: what the poller looks after

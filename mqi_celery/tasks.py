@@ -12,8 +12,8 @@ from functools import lru_cache
 from celery import Task, signals
 from celery.exceptions import Ignore, Retry
 
-from . import logs, runtime
-from .errors import ConnectionError_, MQIError, describe, is_transient
+from . import logs, messages, runtime
+from .errors import ConnectionError_, Held, MQIError, describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,11 @@ class PipelineTask(Task):
         except (Retry, Ignore):
             raise
         except Exception as exc:
-            if case_id and host_down(exc):
+            if case_id and (isinstance(exc, Held) or host_down(exc)):
                 runtime.store().park(case_id, dispatch, str(exc))
                 log.warning("%s: case %s waits: %s", self.name, case_id, exc)
+                if isinstance(exc, Held):
+                    messages.emit("case_waiting", {"reason": str(exc)}, case_id=case_id)
                 raise Ignore() from exc  # not a success: the rest of the canvas must not run
             if not is_transient(exc):
                 raise
