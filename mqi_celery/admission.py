@@ -116,7 +116,8 @@ def start_beam(case_id: str, beam: int) -> Grant | str:
         return hold
     cap = settings.scheduler.max_active_jobs
     if cap and store.claim(host.name, case_id, beam, [f"job:{i}" for i in range(cap)]) is None:
-        return f"{cap} jobs of ours already run on {host.name} (scheduler.max_active_jobs)"
+        return (f"{cap} job(s) of ours already on {host.name}, the cap (scheduler.max_active_jobs); "
+                "the beam starts when one ends")
     if not direct:
         return Grant(None)
     claims = store.claims(host.name)

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 
-from . import metrics, runtime
+from . import db, metrics, runtime
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,46 @@ class DatabaseCollector:
             family.add_metric(["local", "results"], shutil.disk_usage(settings.paths.results).free)
         except OSError:
             pass
+        readings = [h for h in store.hosts() if h["reading"]]
+        for h in readings:
+            disk = h["reading"].get("disk") or {}
+            if disk.get("state") == "ok":
+                family.add_metric([h["host"], "remote"], disk["free_bytes"])
         yield family
+        yield from host_families(store, readings)
+
+
+def host_families(store, hosts: list[dict]):
+    """The System Curator's latest reading of each host: whether it takes work, and its GPUs."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from .admission import foreign_busy, host_hold
+
+    accepting = GaugeMetricFamily("mqi_host_accepting_work", "1: the host takes new work (partition up); 0: "
+                                  "new cases and beams wait", labels=["host"])
+    age = GaugeMetricFamily("mqi_host_reading_age_seconds", "Age of the System Curator's latest reading",
+                            labels=["host"])
+    gpu = ["host", "gpu"]
+    gauges = {"utilization_percent": GaugeMetricFamily("mqi_gpu_utilization_percent", "GPU utilization", labels=gpu),
+              "memory_used_mib": GaugeMetricFamily("mqi_gpu_memory_used_mib", "GPU memory used", labels=gpu),
+              "memory_total_mib": GaugeMetricFamily("mqi_gpu_memory_total_mib", "GPU memory in all", labels=gpu),
+              "temperature_c": GaugeMetricFamily("mqi_gpu_temperature_celsius", "GPU temperature", labels=gpu)}
+    state = GaugeMetricFamily("mqi_gpu_state", "Each GPU now (1: the state it is in): free, ours (a beam holds "
+                              "it) or busy (someone else's work)", labels=["host", "gpu", "state"])
+    for h in hosts:
+        reading, host = h["reading"], h["host"]
+        accepting.add_metric([host], 0 if host_hold(reading) else 1)
+        age.add_metric([host], (db.utcnow() - h["read_at"]).total_seconds())
+        claims = store.claims(host)
+        for device in (reading.get("gpus") or {}).get("devices", ()):
+            index = str(device["index"])
+            for key, family in gauges.items():
+                if device.get(key) is not None:
+                    family.add_metric([host, index], device[key])
+            now = "ours" if f"gpu:{index}" in claims else "busy" if foreign_busy(device, reading) else "free"
+            for name in ("free", "ours", "busy"):
+                state.add_metric([host, index, name], 1 if name == now else 0)
+    yield from (accepting, age, *gauges.values(), state)
 
 
 def _forget_dead_processes(folder: str) -> None:

@@ -1,0 +1,128 @@
+"""Admission and claims: a GPU is never held by two beams (PostgreSQL, threads racing),
+a claim is released on every way a job ends and reclaimed once its job is gone, a GPU
+with someone else's work is not free, and a drained partition or a full job cap makes a
+beam wait with the reason."""
+from __future__ import annotations
+
+import threading
+
+from mqi_celery import admission, runtime
+from mqi_celery.conductor import fail_case
+from mqi_celery.models import CaseStatus, JobStatus
+from mqi_celery.store import NewJob, Store
+from tests.services import postgres_database
+
+
+def case_with_jobs(store, case_id: str, beams=(1, 2, 3)) -> None:
+    store.register_case(case_id, f"/inbox/{case_id}")
+    store.update_case(case_id, status=CaseStatus.QUEUED)
+    store.update_case(case_id, status=CaseStatus.PROCESSING)
+    store.add_jobs(case_id, [NewJob(b, f"beam{b}", f"d{b}") for b in beams])
+
+
+def test_racing_workers_never_hold_the_same_gpu_on_postgresql():
+    with postgres_database() as url:
+        store = Store.from_url(url)
+        for c in ("a", "b", "c", "d"):
+            case_with_jobs(store, c)
+        go, got = threading.Barrier(12), []
+
+        def worker(case_id, beam):
+            go.wait()
+            got.append((store.claim("gpu-box", case_id, beam, ["gpu:0", "gpu:1"]), case_id, beam))
+        threads = [threading.Thread(target=worker, args=(c, b)) for c in ("a", "b", "c", "d") for b in (1, 2, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        held = [r for r, *_ in got if r is not None]
+        assert sorted(held) == ["gpu:0", "gpu:1"]  # 12 tried, 2 GPUs: one holder each
+        assert set(store.claims("gpu-box")) == {"gpu:0", "gpu:1"}
+        store.engine.dispose()
+
+
+def test_a_claim_is_kept_by_its_job_and_released_on_every_end(config_file):
+    store = runtime.store()
+    case_with_jobs(store, "c1")
+    assert store.claim("h", "c1", 1, ["gpu:0", "gpu:1"]) == "gpu:0"
+    assert store.claim("h", "c1", 1, ["gpu:0", "gpu:1"]) == "gpu:0"  # a redelivery keeps its GPU
+    assert store.claim("h", "c1", 2, ["gpu:0", "gpu:1"]) == "gpu:1"
+    assert store.claim("h", "c1", 3, ["gpu:0", "gpu:1"]) is None
+    store.update_job("c1", 1, status=JobStatus.RUNNING, remote_id="11")
+    store.update_job("c1", 1, status=JobStatus.COMPLETED)  # ended
+    assert set(store.claims("h")) == {"gpu:1"}
+    store.update_job("c1", 2, status=JobStatus.RUNNING, remote_id="12")
+    fail_case("c1", "cancelled")  # cancelled (its run cannot be reached here: the case still fails)
+    assert store.claims("h") == {}
+
+
+def test_a_claim_whose_job_holds_no_run_is_reclaimed_after_the_grace_period(config_file):
+    store = runtime.store()
+    case_with_jobs(store, "c1")
+    store.claim("h", "c1", 1, ["gpu:0"])  # its worker died before the submit
+    store.claim("h", "c1", 2, ["gpu:1"])
+    store.update_job("c1", 2, status=JobStatus.RUNNING, remote_id="7")
+    assert store.reclaim_claims(3600) == []  # within the grace period: kept
+    assert store.reclaim_claims(0) == [("h", "gpu:0", "c1")]
+    assert set(store.claims("h")) == {"gpu:1"}  # a running job keeps its GPU
+
+
+def reading(*devices, claimed=()):
+    return {"gpus": {"state": "ok", "devices": list(devices)}, "claimed": list(claimed)}
+
+
+def gpu(index, *, processes=(), memory=0):
+    return {"index": index, "uuid": f"GPU-{index}", "name": "x", "memory_used_mib": memory,
+            "processes": [{"pid": p, "name": "p", "used_memory_mib": 100} for p in processes]}
+
+
+def test_someone_elses_work_makes_a_gpu_not_free(config_file):
+    r = reading(gpu(0), gpu(1, processes=[4242]), gpu(2, memory=20000), gpu(3, processes=[99]), claimed=["gpu:3"])
+    # GPU 3's process is ours (we held it when read); GPU 0 is held by another beam of ours now.
+    assert admission.gpu_candidates(r, {"gpu:0": ("other", 1)}, ("c1", 1)) == [3]
+    assert admission.gpu_candidates(r, {"gpu:0": ("c1", 1)}, ("c1", 1)) == [0, 3]  # its own claim counts as free
+    reason = admission.no_free_gpu(r, {"gpu:0": ("other", 1), "gpu:3": ("c2", 2)})
+    assert "GPU 0 runs beam 1 of case other" in reason and "GPU 1 is busy with another user's work" in reason
+    assert "GPU 2 is busy with another user's work (0 process(es), 20000 MiB)" in reason
+
+
+def test_gpus_from_configuration_where_the_host_has_no_nvidia_smi(config_file):
+    absent = {"gpus": {"state": "absent", "reason": "nvidia-smi is not installed on the host"}}
+    assert admission.gpu_candidates(absent, {}, ("c", 1)) is None  # the CPU stand-in: no GPU to assign
+    config_file(engine={"gpu_ids": [0, 1]})
+    assert admission.gpu_candidates(absent, {"gpu:0": ("x", 1)}, ("c", 1)) == [1]
+    unknown = {"gpus": {"state": "unknown", "reason": "nvidia-smi failed (exit 9): driver mismatch"}}
+    assert "cannot be judged: nvidia-smi failed (exit 9)" in admission.gpu_candidates(unknown, {}, ("c", 1))
+
+
+def test_a_drained_partition_or_a_full_job_cap_makes_a_beam_wait(config_file):
+    config_file(scheduler={"kind": "slurm", "max_active_jobs": 1})
+    store = runtime.store()
+    case_with_jobs(store, "c1")
+    host = runtime.host().name
+    drained = {"nodes": {"state": "ok", "accepting": False, "reason": "no node of Slurm partition debug takes jobs: "
+                                                                       "n1 drained (disk)"}}
+    store.save_reading(host, drained)
+    assert admission.start_beam("c1", 1).startswith("no node of Slurm partition debug takes jobs: n1 drained")
+    store.save_reading(host, {"nodes": {"state": "ok", "accepting": True, "reason": None}})
+    assert admission.start_beam("c1", 1) == admission.Grant(None)  # Slurm chooses the GPU
+    assert admission.start_beam("c1", 2).startswith(f"1 job(s) of ours already on {host}, the cap")
+    assert store.claims(host) == {"job:0": ("c1", 1)}
+
+
+def test_the_endpoint_serves_each_gpu_and_whether_the_host_takes_work(config_file):
+    from mqi_celery.metrics_endpoint import DatabaseCollector
+
+    store, host = runtime.store(), runtime.host().name
+    case_with_jobs(store, "c1")
+    store.claim(host, "c1", 1, ["gpu:0"])
+    store.save_reading(host, {**reading(gpu(0), gpu(1, processes=[4242], memory=21354)),
+                              "disk": {"state": "ok", "free_bytes": 5 * 2**30, "total_bytes": 9 * 2**30, "mount": "/"}})
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in DatabaseCollector().collect() for s in family.samples}
+    assert samples[("mqi_host_accepting_work", (("host", host),))] == 1
+    assert samples[("mqi_disk_free_bytes", (("host", host), ("path", "remote")))] == 5 * 2**30
+    assert samples[("mqi_gpu_memory_used_mib", (("gpu", "1"), ("host", host)))] == 21354
+    on = {dict(labels)["gpu"]: dict(labels)["state"] for (name, labels), v in samples.items()
+          if name == "mqi_gpu_state" and v == 1}
+    assert on == {"0": "ours", "1": "busy"}
