@@ -9,10 +9,12 @@ GPUs before a claim when the reading is older than ``curator.gpu_reading_max_age
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import readings, runtime
+from . import db, readings, runtime
+from .errors import Held
 from .db import utcnow
 from .models import Case
 from .store import WAITING
@@ -96,14 +98,52 @@ def upload_hold(case: Case) -> str | None:
     return disk_hold(case, fresh["disk"])
 
 
-def still_held(case: Case) -> str | None:
+@contextmanager
+def transfer_slot():
+    """One of the host's ``transport.max_transfers`` slots for the block; ``Held`` when all
+    are in use (the case waits in line, and is resumed when a transfer ends)."""
+    cap = runtime.settings().transport.max_transfers
+    if cap is None:
+        yield
+        return
+    with db.slot(runtime.store().engine, f"transfer:{runtime.host().name}", cap) as number:
+        if number is None:
+            raise Held(transfer_wait(cap))
+        yield
+
+
+def transfer_wait(cap: int) -> str:
+    return (f"{cap} transfer(s) with {runtime.host().name} run already, the cap (transport.max_transfers); "
+            "this one starts when one ends")
+
+
+class TransferBudget:
+    """Free transfer slots, counted once per resume run: no more waiting cases are sent
+    on than can transfer, the others stay in line."""
+
+    def __init__(self):
+        self.cap, self.free = runtime.settings().transport.max_transfers, None
+
+    def take(self) -> bool:
+        if self.cap is None:
+            return True
+        if self.free is None:
+            self.free = db.free_slots(runtime.store().engine, f"transfer:{runtime.host().name}", self.cap)
+        self.free -= 1
+        return self.free >= 0
+
+
+def still_held(case: Case, budget: TransferBudget) -> str | None:
     """For a waiting case: why it must still wait, judged from the latest reading (None:
     it may go on)."""
     if any(j.step == WAITING for j in case.jobs):
         return case.wait_reason  # its beams wait: the poller starts them and clears this
     if case.stage in (None, "upload"):
         reading, _ = runtime.store().reading(runtime.host().name)
-        return host_hold(reading) or disk_hold(case, (reading or {}).get("disk"))
+        if hold := host_hold(reading) or disk_hold(case, (reading or {}).get("disk")):
+            return hold
+    if case.stage in (None, "upload", "collect") and not budget.take():
+        return transfer_wait(budget.cap)
     return None
 
 

@@ -91,6 +91,9 @@ class Transport(Section):
     # the cluster; one folder per case is made below it.
     remote_root: Path = Path("var/remote")
     ssh: SSHSettings | None = None  # required when kind is ssh
+    # At most this many uploads and downloads with the host at once, across every worker
+    # (None: as many as the transfer workers run); the others wait, QUEUED, in line.
+    max_transfers: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _ssh_complete(self) -> "Transport":

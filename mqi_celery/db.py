@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -171,6 +173,58 @@ def _migration_lock(engine: Engine):
             yield
         finally:
             os.close(fd)
+
+
+def _slot_file(engine: Engine, name: str, number: int) -> str:
+    return f"{engine.url.database or 'mqi'}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.{number}.lock"
+
+
+def _slot_key(name: str, number: int) -> int:
+    return zlib.crc32(f"{name}#{number}".encode()) + (1 << 32)  # apart from the fixed keys above
+
+
+@contextlib.contextmanager
+def slot(engine: Engine, name: str, count: int):
+    """Hold one of ``count`` slots called ``name`` while the block runs; yields its number,
+    or None when all are held. A PostgreSQL session lock (or a file lock with SQLite): a
+    process that dies lets go of it with its connection, so a crash never leaks a slot."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            for number in range(count):
+                key = _slot_key(name, number)
+                got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+                conn.commit()
+                if got:
+                    try:
+                        yield number
+                    finally:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
+                    return
+        yield None
+        return
+    for number in range(count):
+        fd = os.open(_slot_file(engine, name, number), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield number
+        finally:
+            os.close(fd)
+        return
+    yield None
+
+
+def free_slots(engine: Engine, name: str, count: int) -> int:
+    """How many of the slots nobody holds now (taken together, let go at once)."""
+    with contextlib.ExitStack() as held:
+        free = 0
+        while free < count and held.enter_context(slot(engine, name, count)) is not None:
+            free += 1
+    return free
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from . import admission, case_reader, faults, messages, metrics, runtime
@@ -94,6 +95,27 @@ def results_intact(folder: Path, results: dict[str, str]) -> bool:
 
 @app.task(name="mqi.upload_case", base=PipelineTask, bind=True)
 def upload_case(self, case_id: str) -> str:
+    with in_line():
+        return _upload(self, case_id)
+
+
+@contextmanager
+def in_line():
+    """A transfer slot of the host for the block (``transport.max_transfers``); once it is
+    free again, a case waiting for one is sent on."""
+    held = False
+    try:
+        with admission.transfer_slot():
+            held = True
+            yield
+    finally:
+        if held and runtime.settings().transport.max_transfers is not None:
+            from .reconciler import resume_parked  # its rule for waiting cases (it imports this module)
+
+            resume_parked()
+
+
+def _upload(self, case_id: str) -> str:
     store = runtime.store()
     case = store.get_case(case_id)
     if case is not None and case.stage != "upload":  # redelivered after it finished: the chain goes on
@@ -131,6 +153,11 @@ def upload_case(self, case_id: str) -> str:
 @app.task(name="mqi.download_results", base=PipelineTask, bind=True)
 def download_results(self, case_id: str) -> str:
     """Fetch the results of every beam that completed (failed beams have none)."""
+    with in_line():
+        return _download(case_id)
+
+
+def _download(case_id: str) -> str:
     store, host = runtime.store(), runtime.host()
     case = store.get_case(case_id)
     if case is None or case.stage != "collect" or store.begin_step(case_id, "downloading") is None:

@@ -78,11 +78,11 @@ def resume_parked() -> int:
     store, breaker = runtime.store(), runtime.breaker()
     if breaker is not None and breaker.state()[0] != "closed":
         return 0
-    resumed = 0
+    resumed, budget = 0, admission.TransferBudget()
     for case_id in store.parked_cases():
         case = store.get_case(case_id)
         with logs.bound(case.trace_id):
-            hold = admission.still_held(case)
+            hold = admission.still_held(case, budget)
             if hold is not None:
                 if hold != case.wait_reason:
                     store.update_case(case_id, wait_reason=hold)

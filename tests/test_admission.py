@@ -4,12 +4,17 @@ with someone else's work is not free, and a drained partition or a full job cap 
 beam wait with the reason."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from datetime import datetime
 
 from mqi_celery import admission, runtime
 from mqi_celery.conductor import fail_case
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.store import NewJob, Store
+from tests.casegen import make_case
+from tests.polling import poll_until
 from tests.services import postgres_database
 
 
@@ -126,3 +131,51 @@ def test_the_endpoint_serves_each_gpu_and_whether_the_host_takes_work(config_fil
     on = {dict(labels)["gpu"]: dict(labels)["state"] for (name, labels), v in samples.items()
           if name == "mqi_gpu_state" and v == 1}
     assert on == {"0": "ours", "1": "busy"}
+
+
+def test_transfer_slots_are_shared_and_a_dead_holder_lets_go(config_file):
+    from mqi_celery import db
+
+    with postgres_database() as url:
+        store = Store.from_url(url)
+        for engine in (runtime.store().engine, store.engine):  # SQLite (file locks), PostgreSQL
+            with db.slot(engine, "transfer:h", 2) as first, db.slot(engine, "transfer:h", 2) as second:
+                with db.slot(engine, "transfer:h", 2) as third:
+                    assert (first, second, third) == (0, 1, None)
+                assert db.free_slots(engine, "transfer:h", 2) == 0
+            assert db.free_slots(engine, "transfer:h", 2) == 2
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_A_SLOT, url], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "0"  # it holds slot 0 of 1
+        assert db.free_slots(store.engine, "transfer:h", 1) == 0
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+        poll_until(lambda: db.free_slots(store.engine, "transfer:h", 1) == 1, 60, 0.2, "the dead holder's slot")
+        store.engine.dispose()
+
+
+HOLD_A_SLOT = """
+import sys, time
+from mqi_celery import db
+engine = db.make_engine(sys.argv[1])
+with db.slot(engine, "transfer:h", 1) as number:
+    print(number, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_with_max_transfers_one_uploads_run_one_at_a_time_and_every_case_completes(embedded):
+    run = embedded(transport={"max_transfers": 1}, worker={"concurrency": 4})
+    names = [f"line{i}" for i in range(4)]
+    for name in names:
+        make_case(run.inbox, name, marker=True)
+    cases = [run.wait_case(name, timeout=240) for name in names]
+    assert [c["status"] for c in cases] == ["COMPLETED"] * 4, [c["error"] for c in cases]
+    uploads = []
+    for c in cases:
+        done = next(e for e in c["events"] if e["command"] == "upload_success")
+        end = datetime.fromisoformat(done["timestamp"].rstrip("Z")).timestamp()
+        uploads.append((end - done["payload"]["seconds"], end))
+    uploads.sort()
+    assert all(b[0] >= a[1] - 0.01 for a, b in zip(uploads, uploads[1:])), uploads
+    waited = [e for c in cases for e in c["events"] if e["command"] == "case_waiting"]
+    assert waited and all("transport.max_transfers" in e["payload"]["reason"] for e in waited)
