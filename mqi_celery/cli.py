@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -82,8 +83,12 @@ def _case_or_exit(case_id: str) -> Case:
     return case
 
 
-def cases_table(cases: list[Case]) -> Table:
-    table = Table(title=f"{len(cases)} case(s)", expand=True)
+def cases_table(cases: list[Case], total: dict[str, int] | None = None) -> Table:
+    title = f"{len(cases)} case(s)"
+    if total and sum(total.values()) > len(cases):
+        title += f" of {sum(total.values())} (" + ", ".join(f"{n} {s}" for s, n in sorted(total.items())) + \
+            "); --all or --status/--since/--limit for others"
+    table = Table(title=title, expand=True)
     for col in ("case", "status", "step", "beams", "error"):
         table.add_column(col, overflow="fold")
     colors = {"COMPLETED": "green", "FAILED": "red", "PROCESSING": "cyan", "QUEUED": "yellow"}
@@ -108,7 +113,8 @@ def inbox_table(problems: list[dict]) -> Table:
 def overview(store) -> Group:
     """Cases, then what the inbox holds that is not a case (if anything)."""
     problems = store.inbox_problem_rows()
-    return Group(cases_table(store.list_cases()), *([inbox_table(problems)] if problems else []))
+    return Group(cases_table(store.recent_cases(limit=20), total=store.count_by_status()[0]),
+                 *([inbox_table(problems)] if problems else []))
 
 
 @app.command("inbox")
@@ -148,20 +154,26 @@ def status(as_json: bool = JsonOpt,
 
 
 @cases_app.command("list")
-def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with this status."), as_json: bool = JsonOpt):
-    """All cases, oldest first; below them, inbox entries that are not cases (`mqi inbox`)."""
+def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with this status."),
+               since: Optional[datetime] = typer.Option(None, help="Only cases changed since (UTC), e.g. 2026-11-01."),
+               limit: int = typer.Option(50, min=1, help="At most this many finished (or --status) cases, newest."),
+               show_all: bool = typer.Option(False, "--all", help="Every case: no limit."),
+               as_json: bool = JsonOpt):
+    """The active cases and the most recently finished ones (newest LIMIT), oldest first;
+    below them, inbox entries that are not cases (`mqi inbox`)."""
     from .models import CaseStatus
 
     try:
         wanted = CaseStatus(status.upper()) if status else None
     except ValueError:
         _fail(f"unknown status {status!r}; use one of {', '.join(s.value for s in CaseStatus)}")
-    cases = _store().list_cases(wanted)
+    store = _store()
+    cases = store.recent_cases(status=wanted, since=since, limit=None if show_all else limit)
     if as_json:
         print(json.dumps([case_dict(c) for c in cases], indent=2))
         return
-    console.print(cases_table(cases))
-    problems = _store().inbox_problem_rows()
+    console.print(cases_table(cases, total=store.count_by_status()[0]))
+    problems = store.inbox_problem_rows()
     if problems:
         console.print(inbox_table(problems))
 
@@ -290,11 +302,16 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
                     view.update(overview(store))
                     time.sleep(1)
         else:
+            from .db import utcnow
+
             seen: dict = {}
+            since = datetime(1970, 1, 1)
             while True:
                 for note in filter(None, (w.check() for w in workers)):
                     print(note, flush=True)
-                for c in store.list_cases():
+                now = utcnow()
+                changed, since = store.changed_cases(since), now - timedelta(seconds=5)  # overlap: commits in flight
+                for c in changed:
                     state = (c.status.value, c.step, tuple(j.status.value for j in c.jobs))
                     if seen.get(c.case_id) != state:
                         seen[c.case_id] = state

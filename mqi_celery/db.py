@@ -44,8 +44,8 @@ class CaseRow(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     reconciles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     wait_reason: Mapped[str | None] = mapped_column(Text)  # why an active case is not moving
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
 
 
 class JobRow(Base):
@@ -70,7 +70,7 @@ class JobRow(Base):
     resubmits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     judge_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
 
 
 class HostRow(Base):

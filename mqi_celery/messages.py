@@ -37,6 +37,11 @@ COMPONENT = {
 }
 
 
+# Periodic pictures, not events: the latest lives in the hosts table (a row per interval
+# would add a million rows a year to the events table).
+SNAPSHOTS = {"system_status_update"}
+
+
 def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None) -> dict[str, Any]:
     """Record, log and publish one message. Publishing is best effort: the events table
     is the record, the exchange is a convenience for subscribers."""
@@ -47,8 +52,9 @@ def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None) -
         "timestamp": datetime.now(timezone.utc).isoformat(),
         "correlation_id": logs.correlation_id.get(),
     }
-    runtime.store().add_event(command, message["payload"], case_id=case_id,
-                              correlation_id=message["correlation_id"])
+    if command not in SNAPSHOTS:
+        runtime.store().add_event(command, message["payload"], case_id=case_id,
+                                  correlation_id=message["correlation_id"])
     log.info("%s %s", command, case_id or "", extra={"event": command, "payload": message["payload"]})
     if _publishing():
         try:

@@ -18,14 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
-from datetime import datetime, timezone
+import weakref
+from collections.abc import Container, Iterator
+from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import case_reader, messages, runtime
 from .celery_app import app
 from .conductor import admit
+from .db import utcnow
 from .naming import case_id_for, is_utf8, shown
 
 log = logging.getLogger(__name__)
@@ -42,15 +44,19 @@ class Finding:
     problem: str | None = None
 
 
-def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY") -> Iterator[Finding]:
+def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Container[str] = ()) -> Iterator[Finding]:
     """Case folders and problems under the inbox, not descending into a case once found.
-    ``inbox`` must be a real path (no link in it) for the inside/outside judgement."""
+    ``inbox`` must be a real path (no link in it) for the inside/outside judgement; folders
+    in ``known`` (registered cases) are taken as cases without reading them."""
     def walk(folder: Path, depth: int) -> Iterator[Finding]:
         for entry in _entries(folder, marker):
             path = Path(entry.path)
             problem = _not_a_folder(entry, inbox)
             if problem:
                 yield Finding(path, problem)
+                continue
+            if entry.path in known:
+                yield Finding(path)
                 continue
             if not is_utf8(entry.name):
                 yield Finding(path, UNREADABLE_NAME)
@@ -149,6 +155,32 @@ def _walk_entries(folder: Path) -> Iterator[str]:
             yield os.path.join(root, name)
 
 
+class KnownPaths:
+    """The registered case folders, kept by this process and topped up each scan with the
+    cases registered since the last (an indexed query): a scan costs what is new in the
+    inbox, not the year of cases already there. The overlap covers registrations that
+    were still committing; one missed anyway only costs a refused second registration."""
+
+    OVERLAP = timedelta(minutes=2)
+
+    def __init__(self):
+        self.paths: set[str] = set()
+        self.since: datetime | None = None
+
+    def refresh(self, store) -> set[str]:
+        now = utcnow()
+        self.paths |= store.known_paths(self.since)
+        self.since = now - self.OVERLAP
+        return self.paths
+
+
+_known: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # per store (tests make several)
+
+
+def known_paths(store) -> KnownPaths:
+    return _known.setdefault(store, KnownPaths())
+
+
 def register(case_dir: Path) -> str | None:
     """Register one ready case and admit it. Returns its id, or None when another scan
     registered this folder first."""
@@ -181,14 +213,15 @@ def scan_once() -> list[str]:
 
     settings, store = runtime.settings(), runtime.store()
     inbox = Path(os.path.realpath(settings.paths.inbox))
-    known = store.known_paths()
+    index = known_paths(store)
+    known = index.refresh(store)
     invalid = store.validation_failures()
     recorded = store.inbox_problems()
     problems: dict[str, str] = {}
     unsettled: dict[str, str] = {}  # entry -> what to show while it settles
     waiting = WAITING.format(seconds=settings.scanner.settle_seconds, marker=settings.scanner.marker)
     registered = []
-    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker):
+    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known):
         where = shown(os.path.relpath(finding.path, inbox))
         try:
             if finding.problem is None and str(finding.path) in known:
@@ -203,6 +236,7 @@ def scan_once() -> list[str]:
                 problems[where] = finding.problem
                 continue
             case_id = register(finding.path)
+            index.paths.add(str(finding.path))  # registered now, by us or by another scan
             if case_id:
                 registered.append(case_id)
         except FileNotFoundError:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, exists, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -93,9 +93,13 @@ class Store(HostRecords):
         with self.session() as s:
             return s.execute(stmt).rowcount == 1
 
-    def known_paths(self) -> set[str]:
+    def known_paths(self, since: datetime | None = None) -> set[str]:
+        """Paths of the registered cases (those registered since ``since``: indexed)."""
         with self.session() as s:
-            return set(s.scalars(select(db.CaseRow.path)))
+            stmt = select(db.CaseRow.path)
+            if since is not None:
+                stmt = stmt.where(db.CaseRow.created_at >= since)
+            return set(s.scalars(stmt))
 
     def validation_failures(self) -> dict[str, tuple[str, Any]]:
         """Cases that failed validation, by path: (case id, when)."""
@@ -117,15 +121,45 @@ class Store(HostRecords):
             return _case(row, jobs)
 
     def list_cases(self, status: CaseStatus | None = None) -> list[Case]:
+        """Every case (or every one with ``status``), oldest first: for tests and small
+        installations; people and periodic work use ``recent_cases``."""
+        return self.recent_cases(status=status, limit=None, active=False)
+
+    def recent_cases(self, *, status: CaseStatus | None = None, since: datetime | None = None,
+                     limit: int | None = 50, active: bool = True) -> list[Case]:
+        """What a person asks for, filtered and paged by the database: the active cases
+        (``active``) plus the ``limit`` most recently changed others (with ``status``, changed
+        since ``since``), shown oldest first, with their jobs. Costs what is shown."""
+        where = []
+        if status is not None:
+            where.append(db.CaseRow.status == status.value)
+        elif active:
+            where.append(db.CaseRow.status.not_in(_ACTIVE))
+        if since is not None:
+            where.append(db.CaseRow.updated_at >= since)
         with self.session() as s:
-            stmt = select(db.CaseRow).order_by(db.CaseRow.created_at)
-            if status is not None:
-                stmt = stmt.where(db.CaseRow.status == status.value)
-            rows = s.scalars(stmt).all()
-            jobs: dict[str, list[db.JobRow]] = {}
-            for j in s.scalars(select(db.JobRow)):
+            rows = list(s.scalars(select(db.CaseRow).where(*where).order_by(db.CaseRow.updated_at.desc())
+                                  .limit(limit)))
+            if active and status is None:
+                rows += s.scalars(select(db.CaseRow).where(db.CaseRow.status.in_(_ACTIVE)))
+            return self._with_jobs(s, sorted(rows, key=lambda r: (r.created_at, r.case_id)))
+
+    def changed_cases(self, since: datetime) -> list[Case]:
+        """Cases whose row or any job changed since ``since`` (the non-interactive live view)."""
+        with self.session() as s:
+            ids = set(s.scalars(select(db.CaseRow.case_id).where(db.CaseRow.updated_at >= since)))
+            ids |= set(s.scalars(select(db.JobRow.case_id).where(db.JobRow.updated_at >= since)))
+            rows = s.scalars(select(db.CaseRow).where(db.CaseRow.case_id.in_(ids))) if ids else []
+            return self._with_jobs(s, sorted(rows, key=lambda r: (r.created_at, r.case_id)))
+
+    @staticmethod
+    def _with_jobs(s: Session, rows: list[db.CaseRow]) -> list[Case]:
+        jobs: dict[str, list[db.JobRow]] = {}
+        ids = [r.case_id for r in rows]
+        for start in range(0, len(ids), 500):  # bounded IN lists
+            for j in s.scalars(select(db.JobRow).where(db.JobRow.case_id.in_(ids[start:start + 500]))):
                 jobs.setdefault(j.case_id, []).append(j)
-            return [_case(r, jobs.get(r.case_id, ())) for r in rows]
+        return [_case(r, jobs.get(r.case_id, ())) for r in rows]
 
     def update_case(self, case_id: str, *, status: CaseStatus | None = None,
                     only_from: Iterable[CaseStatus] | None = None, **fields: Any) -> Case | None:
@@ -368,15 +402,13 @@ class Store(HostRecords):
                               correlation_id=correlation_id))
 
     def events(self, case_id: str, *, with_hosts: bool = False) -> list[dict[str, Any]]:
-        """The case's events; ``with_hosts`` adds host outages seen since it was registered."""
-        where = db.EventRow.case_id == case_id
-        if with_hosts:
-            with self.session() as s:
-                since = s.scalar(select(db.CaseRow.created_at).where(db.CaseRow.case_id == case_id))
-            if since is not None:
-                where = where | ((db.EventRow.case_id.is_(None)) & db.EventRow.command.in_(HOST_EVENTS)
-                                 & (db.EventRow.timestamp >= since))
+        """The case's events; ``with_hosts`` adds host outages seen since it was registered.
+        (Two indexed queries: an OR of the two would read the whole events table.)"""
         with self.session() as s:
-            rows = s.scalars(select(db.EventRow).where(where).order_by(db.EventRow.id))
+            rows = list(s.scalars(select(db.EventRow).where(db.EventRow.case_id == case_id)))
+            since = s.scalar(select(db.CaseRow.created_at).where(db.CaseRow.case_id == case_id)) if with_hosts else None
+            if since is not None:
+                rows += s.scalars(select(db.EventRow).where(
+                    db.EventRow.case_id.is_(None), db.EventRow.command.in_(HOST_EVENTS), db.EventRow.timestamp >= since))
             return [{"command": r.command, "payload": r.payload, "correlation_id": r.correlation_id,
-                     "timestamp": r.timestamp.isoformat() + "Z"} for r in rows]
+                     "timestamp": r.timestamp.isoformat() + "Z"} for r in sorted(rows, key=lambda r: r.id)]

@@ -64,7 +64,7 @@ def test_upgrade_from_the_first_schema_resumes_unfinished_cases(kind, tmp_path):
         job = store.get_job("running", 2)
         assert (job.resubmits, job.judge_attempts) == (0, 0)
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
         engine.dispose()
 
 
@@ -102,3 +102,17 @@ def test_the_beat_lock_lets_one_beat_run_and_the_next_take_over(kind, tmp_path):
         t2.join(60)
         assert events == ["first runs", "second waits", "first stopped", "second runs"]
         engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def test_the_migrations_build_exactly_the_tables_the_code_declares(kind, tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with database(kind, tmp_path) as url:
+        engine = db.make_engine(url)
+        db.migrate(engine)
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+        engine.dispose()
+    assert diff == [], diff

@@ -91,3 +91,26 @@ def test_an_unreadable_case_fails_with_a_reason_instead_of_staying_new(config_fi
     assert case.status is CaseStatus.FAILED
     assert case.error == ("validation: RP.plan.dcm cannot be read (permission denied); let the mqi user read it, "
                           "then retry the case")
+
+
+def test_a_scan_reads_only_what_is_new_not_the_cases_already_registered(config_file, monkeypatch):
+    """The scanner keeps an index of registered folders: the cases of a year stay in the
+    inbox, and a scan neither reads them again nor asks the database for all of them."""
+    import mqi_celery.scanner as scanner
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda case_id: None)
+    inbox = runtime.settings().paths.inbox
+    for i in range(20):
+        (inbox / f"old{i:02d}").mkdir(parents=True)
+        (inbox / f"old{i:02d}" / "RP.plan.dcm").write_bytes(b"not read by the scanner")
+        (inbox / f"old{i:02d}" / "_CASE_READY").touch()
+    assert len(scan_once()) == 20  # they fail validation: registered all the same
+    read, asked = [], []
+    real_entries, real_known = scanner._entries, runtime.store().known_paths
+    monkeypatch.setattr(scanner, "_entries", lambda folder, marker: read.append(folder) or real_entries(folder, marker))
+    monkeypatch.setattr(runtime.store(), "known_paths", lambda since=None: asked.append(since) or real_known(since))
+    make_case(inbox, "new_one", marker=True)
+    assert scan_once() == ["new_one"]
+    assert any(p.name == "new_one" for p in read)
+    assert not any(p.name.startswith("old") for p in read)  # 20 registered folders: not opened
+    assert asked and all(since is not None for since in asked)  # only what was registered lately
