@@ -219,7 +219,7 @@ def test_the_whole_corpus_at_once_through_the_embedded_pipeline(embedded, tmp_pa
     refused = {shown(b.entry or b.path): b for b in CORPUS if not b.registers}
 
     def settled():
-        cases = run.mqi_json("cases", "list")
+        cases = run.mqi_json("cases", "list", "--all")
         done = [c for c in cases if c["status"] in ("COMPLETED", "FAILED")]
         problems = run.mqi_json("inbox")
         return (cases, problems) if len(done) == len(registering) and len(problems) == len(refused) else None

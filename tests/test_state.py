@@ -159,3 +159,38 @@ def test_two_retries_at_once_only_one_runs(config_file):
     with pytest.raises(MQIError, match="being retried already"):
         _retry(snapshot)
     assert store.get_case("c1").attempts == 1
+
+
+def test_listings_show_active_cases_and_the_newest_finished_paged_by_the_database(config_file):
+    import json
+    import subprocess
+    import sys
+    from datetime import timedelta
+    from pathlib import Path
+
+    from mqi_celery.db import utcnow
+
+    store = runtime.store()
+    for i in range(12):
+        store.register_case(f"done{i:02d}", f"/inbox/done{i:02d}")
+        store.update_case(f"done{i:02d}", status=CaseStatus.FAILED, error="x")
+    store.register_case("active", "/inbox/active")
+    store.update_case("active", status=CaseStatus.QUEUED)
+    store.add_jobs("active", [NewJob(1, "b1", "d1")])
+    store.update_case("done00", error="touched last")  # the most recently changed finished case
+
+    shown = store.recent_cases(limit=3)
+    assert {c.case_id for c in shown} == {"done00", "done10", "done11", "active"}  # newest 3 changed + active
+    assert next(c for c in shown if c.case_id == "active").jobs[0].beam == 1
+    assert len(store.recent_cases(status=CaseStatus.FAILED, limit=None)) == 12
+    assert store.recent_cases(since=utcnow() + timedelta(hours=1), active=False) == []
+    assert {c.case_id for c in store.changed_cases(utcnow() - timedelta(minutes=5))} >= {"active", "done00"}
+
+    mqi = Path(sys.executable).parent / "mqi"
+    listed = json.loads(subprocess.run([mqi, "cases", "list", "--json", "--limit", "2"], capture_output=True,
+                                       text=True, check=True).stdout)
+    assert len(listed) == 3 and "active" in [c["case_id"] for c in listed]
+    everything = subprocess.run([mqi, "cases", "list", "--all", "--json"], capture_output=True, text=True, check=True)
+    assert len(json.loads(everything.stdout)) == 13
+    table = subprocess.run([mqi, "cases", "list", "--limit", "2"], capture_output=True, text=True, check=True).stdout
+    assert "3 case(s) of 13" in table and "--all" in table
