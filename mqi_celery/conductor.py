@@ -116,6 +116,13 @@ def admit(case_id: str) -> bool:
     return True
 
 
+@app.task(name="mqi.admit_case", ignore_result=True)
+def admit_case_task(case_id: str) -> bool:
+    """``admit`` for a case the scanner registered (a redelivery finds it admitted already)."""
+    case = runtime.store().get_case(case_id)
+    return case is not None and case.status is CaseStatus.NEW and admit(case_id)
+
+
 def _check_gantries(info: case_reader.CaseInfo, configured: int | None) -> None:
     """Each beam's input names its gantry room: known before anything is uploaded."""
     for beam in info.beams:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import case_reader, messages, runtime
 from .celery_app import app
-from .conductor import admit
+from .conductor import admit, admit_case_task
 from .db import utcnow
 from .naming import case_id_for, is_utf8, shown
 
@@ -181,9 +181,9 @@ def known_paths(store) -> KnownPaths:
     return _known.setdefault(store, KnownPaths())
 
 
-def register(case_dir: Path) -> str | None:
-    """Register one ready case and admit it. Returns its id, or None when another scan
-    registered this folder first."""
+def register(case_dir: Path, admit_case=admit) -> str | None:
+    """Register one ready case and admit it (``admit_case``). Returns its id, or None when
+    another scan registered this folder first."""
     store = runtime.store()
     case_id = case_id_for(case_dir.name)
     n = 2
@@ -192,7 +192,7 @@ def register(case_dir: Path) -> str | None:
         n += 1
     if not store.register_case(case_id, str(case_dir), lease_seconds=runtime.settings().reconciler.lease_seconds):
         return None
-    admit(case_id)
+    admit_case(case_id)
     return case_id
 
 
@@ -207,8 +207,9 @@ def _revalidate_if_replaced(case_dir: Path, case_id: str, failed_at, inbox: Path
         retry_case(case_id)
 
 
-def scan_once() -> list[str]:
-    """Register every ready new case; record what cannot be a case. Returns the new ids."""
+def scan_once(admit_case=admit) -> list[str]:
+    """Register every ready new case and admit it (``admit_case``: here, or a message to the
+    conductor); record what cannot be a case. Returns the new ids."""
     from .tasks import infrastructure_fault
 
     settings, store = runtime.settings(), runtime.store()
@@ -235,7 +236,7 @@ def scan_once() -> list[str]:
             if finding.problem is not None:
                 problems[where] = finding.problem
                 continue
-            case_id = register(finding.path)
+            case_id = register(finding.path, admit_case)
             index.paths.add(str(finding.path))  # registered now, by us or by another scan
             if case_id:
                 registered.append(case_id)
@@ -264,4 +265,7 @@ def _record(current: dict[str, str], recorded: dict[str, str], waiting: str) -> 
 
 @app.task(name="mqi.scan_inbox", ignore_result=True)
 def scan_inbox() -> list[str]:
-    return scan_once()
+    """The periodic scan costs registration only: validating (reading plans, hashing every
+    file) is the conductor's work, one message per new case (lost: the reconciler admits it
+    when its registration lease runs out)."""
+    return scan_once(admit_case=lambda case_id: admit_case_task.delay(case_id))

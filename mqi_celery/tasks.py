@@ -29,6 +29,7 @@ ROUTES = {
     "mqi.submit_beam": {"queue": "execute"},
     "mqi.poll_jobs": {"queue": "control"},
     "mqi.reconcile": {"queue": "control"},
+    "mqi.admit_case": {"queue": "conductor"},
     "mqi.verify_results": {"queue": "conductor"},
     "mqi.finalize_case": {"queue": "conductor"},
     "mqi.stop_case": {"queue": "conductor"},
