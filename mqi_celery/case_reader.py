@@ -7,9 +7,7 @@ physicist can act on; nothing here reads or returns patient names.
 """
 from __future__ import annotations
 
-import csv
 import fnmatch
-import io
 import logging
 import os
 import re
@@ -19,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 
+from . import delivery_log
 from .errors import ValidationError, case_removed
 from .hosts import case_file_sha256, open_case_file
 from .naming import PORTABLE_HINT, name_problem, shown
@@ -26,13 +25,10 @@ from .naming import PORTABLE_HINT, name_problem, shown
 log = logging.getLogger(__name__)
 logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote values (see _read_plan)
 
-PTN_ROW_BYTES = 16  # 8 big-endian uint16 per 15 us sample
-MIN_ENERGY_MEV, MAX_ENERGY_MEV = 1.0, 400.0  # what a proton therapy layer can be, generously
 DELIVERY_LOG_FILES = ("PlanInfo.txt", "PlanRange.txt", "*.ptn", "*.mgn")
 ARCHIVES = ("*.zip", "*.7z", "*.rar", "*.tar", "*.tgz", "*.tar.*", "*.gz", "*.bz2", "*.xz")
 PLAN_PATTERN = "RP*.dcm"
 MAX_DEPTH_IN_CASE = 4  # <case>/<delivery>/... deeper than this is not an export
-LAYER_FILE_COLUMNS = ("SCAN_OUT_FL_NM", "PLAN_SCAN_OUT_FL_NM")
 
 
 @dataclass(frozen=True)
@@ -63,11 +59,6 @@ class Inventory:
 
     def top_folders(self) -> list[str]:
         return [f for f in self.folders if "/" not in f]
-
-
-def looks_like_delivery_folder(names: set[str]) -> bool:
-    """A folder's entry names look like a beam's delivery log (even an incomplete one)."""
-    return bool({"PlanInfo.txt", "PlanRange.txt"} & names) or any(n.endswith((".ptn", ".mgn")) for n in names)
 
 
 def require_folder(case_dir: Path) -> None:
@@ -136,16 +127,6 @@ def beam_machine(case_dir: Path, plan: str, beam: int) -> str:
 def plan_file(files) -> str:
     """The plan's name among a validated case's files (its manifest)."""
     return next(f for f in files if "/" not in f and fnmatch.fnmatchcase(f, PLAN_PATTERN))
-
-
-def read_plan_info_text(text: str) -> dict[str, str]:
-    """``KEY,VALUE`` lines (Windows line ends allowed); the value may itself hold commas."""
-    info = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition(",")
-        if sep:
-            info[key.strip()] = value.strip()
-    return info
 
 
 def _read_plan(case_dir: Path, inv: Inventory):
@@ -219,146 +200,6 @@ def _plan_beams(name: str, ds) -> dict:
     return beams
 
 
-def _int_field(value: str, where: str, what: str) -> int:
-    if not re.fullmatch(r"\+?[0-9]{1,9}", value.strip(), re.ASCII):
-        raise ValidationError(f"{where}: {what} {value!r} is not a whole number; copy the file the delivery "
-                              "system wrote")
-    return int(value)
-
-
-def _read_text(case_dir: Path, rel: str) -> str:
-    """A delivery-log text file as the delivery system writes it: ASCII or UTF-8 (a byte
-    order mark allowed), any line ends."""
-    with open_case_file(case_dir, rel) as f:
-        data = f.read()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in data:
-        raise ValidationError(f"{rel} is not plain text (UTF-16 or binary); copy the file the delivery system "
-                              "wrote, or save it as UTF-8")
-    return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-
-
-PLAN_INFO_KEYS = ("DICOM_BEAM_NUMBER", "DICOM_PATIENT_ID", "DICOM_STUDY_INS_UID", "START_LAYER_NUMBER",
-                  "STOP_LAYER_NUMBER")
-
-
-def _plan_info(case_dir: Path, folder: str) -> dict[str, str]:
-    """PlanInfo.txt's keys; each key the pipeline relies on must be there exactly once."""
-    where = f"{folder}/PlanInfo.txt"
-    lines = [line.partition(",") for line in _read_text(case_dir, where).splitlines()]
-    keys = [key.strip() for key, sep, _ in lines if sep]
-    for key in PLAN_INFO_KEYS:
-        if keys.count(key) > 1:
-            raise ValidationError(f"{where} names {key} {keys.count(key)} times; copy the file the delivery "
-                                  "system wrote")
-    info = read_plan_info_text("\n".join("".join(parts) for parts in lines))
-    for key in ("DICOM_BEAM_NUMBER", "START_LAYER_NUMBER", "STOP_LAYER_NUMBER"):
-        if key not in info:
-            raise ValidationError(f"{where} has no {key} line; copy the file the delivery system wrote")
-    return info
-
-
-def _check_layers(case_dir: Path, folder: str, inv: Inventory, info: dict[str, str]) -> int:
-    """Every layer row in PlanRange.txt names a present, plausible .ptn and .mgn file beside
-    it; returns the number of layers."""
-    where = f"{folder}/PlanRange.txt"
-    if where not in inv.files:
-        raise ValidationError(f"delivery folder {folder} has no PlanRange.txt; copy the complete delivery log")
-    try:
-        reader = csv.DictReader(io.StringIO(_read_text(case_dir, where)))
-        header = reader.fieldnames or []
-        rows = [(reader.line_num, row) for row in reader]
-    except csv.Error:
-        raise ValidationError(f"{where} is not a readable comma-separated table; copy the file the delivery "
-                              "system wrote") from None
-    needed = [c for c in ("LAYER_NO", *LAYER_FILE_COLUMNS) if c not in header]
-    if needed:
-        raise ValidationError(f"{where} has no header naming {', '.join(needed)}; copy the file the delivery "
-                              "system wrote")
-    if not rows:
-        raise ValidationError(f"{where} lists no layers; copy the complete delivery log")
-    first, last = _layer_range(folder, info)
-    if last - first + 1 != len(rows):
-        raise ValidationError(f"{where} lists {len(rows)} layers, but PlanInfo.txt says layers {first} to {last} "
-                              "were delivered; copy the complete delivery log")
-    layers: dict[int, int] = {}
-    files: dict[str, int] = {}
-    for line, row in rows:
-        layer = _int_field(row.get("LAYER_NO") or "", f"{where} line {line}", "LAYER_NO")
-        if layer in layers:
-            raise ValidationError(f"{where} line {line}: layer {layer} is listed twice (also line {layers[layer]}); "
-                                  "copy the file the delivery system wrote")
-        if not first <= layer <= last:
-            raise ValidationError(f"{where} line {line}: layer {layer} is outside the layers PlanInfo.txt says "
-                                  f"were delivered ({first} to {last}); copy the delivery log of this beam")
-        layers[layer] = line
-        if "LAYER_ENERGY" in header:
-            _check_energy(f"{where} line {line}", (row.get("LAYER_ENERGY") or "").strip())
-        for column in LAYER_FILE_COLUMNS:
-            name = (row.get(column) or "").strip()
-            _check_layer_file(folder, where, line, column, name, inv)
-            if name in files:
-                raise ValidationError(f"{where} names {name} for two layers (lines {files[name]} and {line}); "
-                                      "copy the file the delivery system wrote")
-            files[name] = line
-    return len(rows)
-
-
-def _check_energy(where: str, energy: str) -> None:
-    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?", energy, re.ASCII):
-        raise ValidationError(f"{where}: LAYER_ENERGY {energy!r} is not a number; copy the file the delivery "
-                              "system wrote")
-    if not MIN_ENERGY_MEV <= float(energy) <= MAX_ENERGY_MEV:
-        raise ValidationError(f"{where}: LAYER_ENERGY {energy} MeV is not a proton therapy energy "
-                              f"({MIN_ENERGY_MEV:g} to {MAX_ENERGY_MEV:g} MeV); copy the file the delivery system wrote")
-
-
-def _check_layer_file(folder: str, where: str, line: int, column: str, name: str, inv: Inventory) -> None:
-    if not name:
-        raise ValidationError(f"{where} line {line} has no {column}; copy the file the delivery system wrote")
-    if "/" in name or "\\" in name or name in (".", ".."):
-        raise ValidationError(f"{where} line {line}: {column} {shown(name)!r} is not a plain file name; the log "
-                              "may only name files in its own folder")
-    size = inv.files.get(f"{folder}/{name}")
-    if f"{folder}/{name}" in inv.folders:
-        raise ValidationError(f"delivery folder {folder}: layer file {shown(name)} (named in {where} line {line}) "
-                              "is a folder, not a file; copy the complete delivery log")
-    if name.startswith("."):
-        raise ValidationError(f"{where} line {line} names the hidden file {shown(name)} (hidden files are not part "
-                              "of a case); copy the file the delivery system wrote")
-    if size is None:
-        raise ValidationError(f"delivery folder {folder}: layer file {shown(name)} (named in {where} line {line}) "
-                              "is missing; copy the complete delivery log")
-    if size == 0:
-        raise ValidationError(f"delivery folder {folder}: layer file {name} is empty; copy the complete "
-                              "delivery log")
-    if name.endswith(".ptn") and size % PTN_ROW_BYTES:
-        raise ValidationError(f"delivery folder {folder}: {name} is truncated (size not a multiple of "
-                              f"{PTN_ROW_BYTES} bytes); copy the complete delivery log")
-
-
-def _layer_range(folder: str, info: dict[str, str]) -> tuple[int, int]:
-    """The delivered layers PlanInfo.txt states: PlanRange.txt must list exactly these (a
-    shorter table is a log that was cut off)."""
-    where = f"{folder}/PlanInfo.txt"
-    first = _int_field(info["START_LAYER_NUMBER"], where, "START_LAYER_NUMBER")
-    last = _int_field(info["STOP_LAYER_NUMBER"], where, "STOP_LAYER_NUMBER")
-    if last < first:
-        raise ValidationError(f"{where}: STOP_LAYER_NUMBER {last} is before START_LAYER_NUMBER {first}; copy the "
-                              "file the delivery system wrote")
-    return first, last
-
-
-def _beam_number(folder: str, info: dict[str, str]) -> int:
-    raw = info.get("DICOM_BEAM_NUMBER")
-    if raw is None:
-        raise ValidationError(f"{folder}/PlanInfo.txt has no DICOM_BEAM_NUMBER line; copy the file the delivery "
-                              "system wrote")
-    if not re.fullmatch(r"\+?[0-9]{1,9}", raw, re.ASCII):
-        raise ValidationError(f"{folder}/PlanInfo.txt: DICOM_BEAM_NUMBER {raw!r} is not a beam number; copy the "
-                              "file the delivery system wrote")
-    return int(raw)
-
-
 def _check_loose_files(inv: Inventory) -> None:
     """A delivery log at the top of the case, or packed in an archive, would be uploaded and
     never used: its beam would silently be missing from the result."""
@@ -402,8 +243,8 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
         if f"{folder}/PlanInfo.txt" not in inv.files:
             raise ValidationError(f"folder {folder} in the case is not a delivery log: it has no PlanInfo.txt; "
                                   f"copy the complete delivery log folder, or move {folder} out of the case")
-        info = _plan_info(case_dir, folder)
-        number = _beam_number(folder, info)
+        info = delivery_log.plan_info(case_dir, folder)
+        number = delivery_log.beam_number(folder, info)
         _check_same_treatment(folder, info, plan)
         beam = beams.get(number)
         if beam is None:
@@ -418,7 +259,7 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
             raise ValidationError(f"beam {number} has two delivery folders ({delivered[number].folder}, "
                                   f"{folder}); keep the one to recompute")
         delivered[number] = DeliveredBeam(number, str(beam.get("BeamName", f"beam{number}")), folder,
-                                          _check_layers(case_dir, folder, inv, info),
+                                          delivery_log.check_layers(case_dir, folder, inv, info),
                                           str(beam.get("TreatmentMachineName", "")))
     first = delivered[min(delivered)]
     return CaseInfo(plan_file=plan_file, study_uid=str(plan.get("StudyInstanceUID", "")), machine=first.machine,

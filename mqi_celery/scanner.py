@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import case_reader, messages, runtime
+from . import delivery_log, messages, runtime
 from .celery_app import app
 from .conductor import admit, admit_case_task
 from .db import utcnow
@@ -67,7 +67,7 @@ def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Cont
                 yield Finding(path)
             elif not children:
                 yield Finding(path, "empty folder: nothing to process; copy a case into it or remove it")
-            elif not subfolders and case_reader.looks_like_delivery_folder({c.name for c in children}):
+            elif not subfolders and delivery_log.looks_like_delivery_folder({c.name for c in children}):
                 yield Finding(path, "a beam's delivery log on its own, without its case: put it into its case "
                                     "folder, beside the RP*.dcm plan")
             elif not subfolders:
@@ -128,7 +128,7 @@ def _looks_like_case(entries: list[os.DirEntry]) -> bool:
                 names = set(os.listdir(e.path))
             except OSError:
                 continue
-            if case_reader.looks_like_delivery_folder(names):
+            if delivery_log.looks_like_delivery_folder(names):
                 return True
     return False
 
