@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import db, readings, runtime
+from . import db, metrics, readings, runtime
 from .errors import Held
 from .db import utcnow
 from .models import Case
@@ -41,6 +41,8 @@ def take_reading() -> dict:
     settings, store, host = runtime.settings(), runtime.store(), runtime.host()
     before = set(store.claims(host.name))
     slurm = settings.scheduler.kind == "slurm"
+    if slurm:
+        metrics.SCHEDULER_QUERIES.labels(host=host.name, command="sinfo").inc()
     reading = readings.take(host, slurm=slurm, partition=settings.scheduler.slurm.partition if slurm else None,
                             gpus=not slurm, timeout=settings.curator.reading_timeout_seconds)
     reading["claimed"] = sorted(before | set(store.claims(host.name)))
