@@ -159,6 +159,8 @@ def verify_results(self, case_id: str) -> str:
         if problem:
             store.update_job(case_id, job.beam, status=JobStatus.FAILED, results={},
                              error=f"result verification: {problem}")
+    messages.emit("results_verified", {"beams": [j.beam for j in store.get_case(case_id).jobs
+                                                 if j.status is JobStatus.COMPLETED]}, case_id=case_id)
     return "verified"
 
 

@@ -175,6 +175,6 @@ def _download(case_id: str) -> str:
         metrics.TRANSFER_BYTES.labels(direction="down").inc(sum((local_dir / n).stat().st_size for n in files))
         metrics.TRANSFER_SECONDS.labels(direction="down").inc(time.monotonic() - started)
         store.update_job(case_id, job.beam, results=files, step="downloaded")
-        messages.emit("download_success", {"beam": job.beam, "files": files, "host": host.name},
-                      case_id=case_id)
+        messages.emit("download_success", {"beam": job.beam, "files": files, "host": host.name,
+                                           "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
     return "downloaded"

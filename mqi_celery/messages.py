@@ -24,6 +24,7 @@ COMPONENT = {
     "execution_started": "executor",
     "execution_success": "executor",
     "execution_failed": "executor",
+    "results_verified": "conductor",
     "case_completed": "conductor",
     "case_failed": "conductor",
     "case_retried": "conductor",
