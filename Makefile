@@ -40,9 +40,11 @@ $(EXPORTER):
 test: install testbed $(COMPOSE_SCHEMA) $(EXPORTER)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Transfer speed against OpenSSH on the testbed's loopback sshd (root; ~3 min).
+# Every scenario beside its baseline (root; RabbitMQ and PostgreSQL running; ~15 min):
+# writes docs/benchmarks.md and docs/benchmarks-timeline.png. Never part of `make test`
+# (which runs each scenario tiny: tests/test_bench.py).
 bench: install testbed
-	$(PY) bench/bench_transfer.py
+	$(PY) bench/run.py
 
 clean:
 	rm -rf var/ build/ *.egg-info .cache/

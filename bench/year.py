@@ -143,3 +143,20 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def footprint(folder: Path, seconds: float = 20.0) -> dict[str, list[float]]:
+    """Scenario 6 after scenario 5: ``mqi up`` on the year's database for ``seconds`` (beat
+    scans the 10,000 folders, the curator reads the host), then each process's RSS."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pipeline import _pid, _rss_tree
+
+    with open(folder / "up.out", "ab") as out:
+        up = subprocess.Popen([sys.executable, "-m", "mqi_celery.cli", "up"], cwd=folder, stdout=out,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ})
+        try:
+            time.sleep(seconds)  # a measured period of ordinary running, not a synchronisation
+            return {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "beat")}
+        finally:
+            up.terminate()
+            up.wait(120)

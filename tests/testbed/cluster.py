@@ -143,6 +143,13 @@ class Testbed:
         return [line.split("\t", 1)[1] for line in self.command_log.read_text().splitlines()
                 if "\t" in line]
 
+    def scheduler_calls_with_times(self) -> list[tuple[float, str]]:
+        """As ``scheduler_calls``, each with its epoch time."""
+        if not self.command_log.exists():
+            return []
+        return [(float(t.replace(",", ".")), call) for t, call in
+                (line.split("\t", 1) for line in self.command_log.read_text().splitlines() if "\t" in line)]
+
     def accepted_ssh_logins(self) -> int:
         if not self.sshd_log.exists():
             return 0
