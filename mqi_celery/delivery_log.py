@@ -10,14 +10,10 @@ import csv
 import io
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import ValidationError
 from .hosts import open_case_file
 from .naming import shown
-
-if TYPE_CHECKING:
-    from .case_reader import Inventory
 
 PTN_ROW_BYTES = 16  # 8 big-endian uint16 per 15 us sample
 MIN_ENERGY_MEV, MAX_ENERGY_MEV = 1.0, 400.0  # what a proton therapy layer can be, generously
@@ -71,9 +67,9 @@ def plan_info(case_dir: Path, folder: str) -> dict[str, str]:
             raise ValidationError(f"{where} has no {key} line; copy the file the delivery system wrote")
     return info
 
-def check_layers(case_dir: Path, folder: str, inv: Inventory, info: dict[str, str]) -> int:
+def check_layers(case_dir: Path, folder: str, inv, info: dict[str, str]) -> int:
     """Every layer row in PlanRange.txt names a present, plausible .ptn and .mgn file beside
-    it; returns the number of layers."""
+    it (``inv``: the case's ``case_reader.Inventory``); returns the number of layers."""
     where = f"{folder}/PlanRange.txt"
     if where not in inv.files:
         raise ValidationError(f"delivery folder {folder} has no PlanRange.txt; copy the complete delivery log")
@@ -124,7 +120,7 @@ def _check_energy(where: str, energy: str) -> None:
         raise ValidationError(f"{where}: LAYER_ENERGY {energy} MeV is not a proton therapy energy "
                               f"({MIN_ENERGY_MEV:g} to {MAX_ENERGY_MEV:g} MeV); copy the file the delivery system wrote")
 
-def _check_layer_file(folder: str, where: str, line: int, column: str, name: str, inv: Inventory) -> None:
+def _check_layer_file(folder: str, where: str, line: int, column: str, name: str, inv) -> None:
     if not name:
         raise ValidationError(f"{where} line {line} has no {column}; copy the file the delivery system wrote")
     if "/" in name or "\\" in name or name in (".", ".."):

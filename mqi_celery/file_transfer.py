@@ -95,24 +95,26 @@ def results_intact(folder: Path, results: dict[str, str]) -> bool:
 
 @app.task(name="mqi.upload_case", base=PipelineTask, bind=True)
 def upload_case(self, case_id: str) -> str:
-    with in_line():
+    with in_line(case_id):
         return _upload(self, case_id)
 
 
 @contextmanager
-def in_line():
+def in_line(case_id: str):
     """A transfer slot of the host for the block (``transport.max_transfers``); once it is
-    free again, a case waiting for one is sent on."""
+    free again, a case waiting for one is sent on. ``Held`` (no slot, or the host cannot
+    take the case now) is announced here; the task parks the case (``tasks.PipelineTask``)."""
     held = False
     try:
         with admission.transfer_slot():
             held = True
             yield
+    except Held as exc:
+        messages.emit("case_waiting", {"reason": str(exc)}, case_id=case_id)
+        raise
     finally:
-        if held and runtime.settings().transport.max_transfers is not None:
-            from .reconciler import resume_parked  # its rule for waiting cases (it imports this module)
-
-            resume_parked()
+        if held and runtime.settings().transport.max_transfers is not None and runtime.store().parked_cases():
+            app.send_task("mqi.resume_parked")  # the reconciler's rule for waiting cases, on its queue
 
 
 def _upload(self, case_id: str) -> str:
@@ -153,7 +155,7 @@ def _upload(self, case_id: str) -> str:
 @app.task(name="mqi.download_results", base=PipelineTask, bind=True)
 def download_results(self, case_id: str) -> str:
     """Fetch the results of every beam that completed (failed beams have none)."""
-    with in_line():
+    with in_line(case_id):
         return _download(case_id)
 
 

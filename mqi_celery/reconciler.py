@@ -72,6 +72,12 @@ def _why(case) -> str:
             f"installation restarted); dispatched again")
 
 
+@app.task(name="mqi.resume_parked", ignore_result=True)
+def resume_parked_task() -> int:
+    """``resume_parked`` on request: a transfer ended and cases wait for its slot."""
+    return resume_parked()
+
+
 def resume_parked() -> int:
     """Cases that waited for their host go on where they were once it is reachable (its
     breaker closed) and admits them again (room on its disk, its partition up)."""

@@ -12,7 +12,7 @@ from functools import lru_cache
 from celery import Task, signals
 from celery.exceptions import Ignore, Retry
 
-from . import logs, messages, runtime
+from . import logs, runtime
 from .errors import ConnectionError_, Held, MQIError, describe, is_transient
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ ROUTES = {
     "mqi.submit_beam": {"queue": "execute"},
     "mqi.poll_jobs": {"queue": "control"},
     "mqi.reconcile": {"queue": "control"},
+    "mqi.resume_parked": {"queue": "control"},
     "mqi.admit_case": {"queue": "conductor"},
     "mqi.verify_results": {"queue": "conductor"},
     "mqi.finalize_case": {"queue": "conductor"},
@@ -73,8 +74,6 @@ class PipelineTask(Task):
             if case_id and (isinstance(exc, Held) or host_down(exc)):
                 runtime.store().park(case_id, dispatch, str(exc))
                 log.warning("%s: case %s waits: %s", self.name, case_id, exc)
-                if isinstance(exc, Held):
-                    messages.emit("case_waiting", {"reason": str(exc)}, case_id=case_id)
                 raise Ignore() from exc  # not a success: the rest of the canvas must not run
             if not is_transient(exc):
                 raise
