@@ -181,7 +181,8 @@ def run_all(tb: Testbed, work: Path, args) -> dict[str, tuple[float, float]]:
         dst = remote / f"up-{who}" / "big.bin"
         assert file_sha256(dst) == big_sha, f"{who}: upload corrupted"
         fresh(dst)
-    bench("1 GiB upload (put_tree vs scp)",
+    size = "1 GiB" if args.big_mib == 1024 else f"{args.big_mib} MiB"
+    bench(f"{size} upload (put_tree vs scp)",
           lambda: host.put_tree(work, host.root / "up-ours", ["big.bin"]),
           lambda: sh(f"mkdir -p {remote}/up-openssh && {scp} {big} testbed:{remote}/up-openssh/big.bin"),
           up_check)
@@ -191,7 +192,7 @@ def run_all(tb: Testbed, work: Path, args) -> dict[str, tuple[float, float]]:
         got = work / f"down-{who}.bin"
         assert file_sha256(got) == big_sha, f"{who}: download corrupted"
         fresh(got)
-    bench("1 GiB download (get vs scp)",
+    bench(f"{size} download (get vs scp)",
           lambda: host.get(host.root / "big.bin", work / "down-ours.bin"),
           lambda: sh(f"{scp} testbed:{remote}/big.bin {work}/down-openssh.bin"),
           down_check)
