@@ -116,3 +116,12 @@ def test_the_migrations_build_exactly_the_tables_the_code_declares(kind, tmp_pat
             diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
         engine.dispose()
     assert diff == [], diff
+
+
+def test_the_schema_revision_the_code_expects_is_the_newest_migration():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == db.SCHEMA_REVISION
