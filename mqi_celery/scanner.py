@@ -44,19 +44,22 @@ class Finding:
     problem: str | None = None
 
 
-def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Container[str] = ()) -> Iterator[Finding]:
+def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Container[str] = (),
+           recheck: Container[str] = ()) -> Iterator[Finding]:
     """Case folders and problems under the inbox, not descending into a case once found.
-    ``inbox`` must be a real path (no link in it) for the inside/outside judgement; folders
-    in ``known`` (registered cases) are taken as cases without reading them."""
+    ``inbox`` must be a real path (no link in it) for the inside/outside judgement. Folders
+    in ``known`` (registered cases) are neither read nor reported, unless in ``recheck``:
+    a year of cases in the inbox costs one look at each name."""
     def walk(folder: Path, depth: int) -> Iterator[Finding]:
         for entry in _entries(folder, marker):
+            if entry.path in known and entry.is_dir(follow_symlinks=False):
+                if entry.path in recheck:
+                    yield Finding(Path(entry.path))
+                continue
             path = Path(entry.path)
             problem = _not_a_folder(entry, inbox)
             if problem:
                 yield Finding(path, problem)
-                continue
-            if entry.path in known:
-                yield Finding(path)
                 continue
             if not is_utf8(entry.name):
                 yield Finding(path, UNREADABLE_NAME)
@@ -222,13 +225,21 @@ def scan_once(admit_case=admit) -> list[str]:
     unsettled: dict[str, str] = {}  # entry -> what to show while it settles
     waiting = WAITING.format(seconds=settings.scanner.settle_seconds, marker=settings.scanner.marker)
     registered = []
-    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known):
+    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known, recheck=invalid):
+        if finding.problem is None and str(finding.path) in known:  # most of a year's inbox: keep it cheap
+            if str(finding.path) in invalid:
+                try:
+                    _revalidate_if_replaced(finding.path, *invalid[str(finding.path)], inbox, settings)
+                except FileNotFoundError:
+                    pass  # removed while we looked
+                except Exception as exc:  # noqa: BLE001 - one folder must not stop the scan of the others
+                    if infrastructure_fault(exc):
+                        raise
+                    log.warning("case folder %s could not be checked for a new drop",
+                                shown(os.path.relpath(finding.path, inbox)), exc_info=True)
+            continue
         where = shown(os.path.relpath(finding.path, inbox))
         try:
-            if finding.problem is None and str(finding.path) in known:
-                if str(finding.path) in invalid:
-                    _revalidate_if_replaced(finding.path, *invalid[str(finding.path)], inbox, settings)
-                continue
             if not is_ready(finding.path, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
                 # Still being copied, maybe: shown as waiting; a problem seen before stays as it was.
                 unsettled[where] = recorded.get(where, waiting) if finding.problem else waiting

@@ -272,8 +272,9 @@ def test_a_case_removed_while_its_beams_run_fails_saying_so_and_keeps_its_result
     run = embedded(engine={"command": "mqi-demo-engine --delay 1 {input_file}"})
     case_dir = make_case(run.inbox, "withdrawn", marker=True)
     run.wait_case("withdrawn", statuses=("PROCESSING",), timeout=120)
-    poll_until(lambda: any(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "withdrawn")["jobs"]),
-               120, what="a beam of the case to run")
+    # Every beam submitted (a beam still to submit would fail the case at its submit instead).
+    poll_until(lambda: all(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "withdrawn")["jobs"]),
+               120, what="every beam of the case to run")
     shutil.rmtree(case_dir)
     case = run.wait_case("withdrawn", timeout=180)
     assert case["status"] == "FAILED"
