@@ -86,7 +86,8 @@ def shell_loop(tb: Testbed, folder: Path, jobs: int, recorder: Path, inputs: lis
 
 
 def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 50, poll: float = 1.0,
-        engine_delay: float = 0.2) -> dict:
+        engine_delay: float = 0.2, pace: float = 0.0) -> dict:
+    """``pace``: seconds between two drops (0: all at once, the pipeline at saturation)."""
     folder.mkdir(parents=True, exist_ok=True)
     runs_log = folder / "engine-runs.log"
     recorder = folder / "recorder"
@@ -125,6 +126,7 @@ def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 5
             make_case(staging, name, marker=True)
             os.rename(staging / name, inbox / name)
             dropped[name] = time.time()
+            time.sleep(pace)  # the arrival rate under test, not a synchronisation
         _wait(lambda: all((c := store.get_case(n)) and c.status.value in ("COMPLETED", "FAILED") for n in dropped),
               3600, "every case to finish")
         rss = {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "beat")}
@@ -150,6 +152,7 @@ def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 5
                                  for kind in ("squeue -h --me", "sacct", "scontrol", "sinfo")}
     figures["sbatch_calls"] = sum(1 for _, c in window_calls if c.startswith("sbatch"))
     figures["poll_interval"] = poll
+    figures["pace"] = pace
     figures["inputs"] = sorted({p for p, _, _ in measured})
     return figures
 

@@ -26,6 +26,7 @@ def test_every_benchmark_scenario_runs_tiny_and_writes_its_report(tmp_path):
     pipeline = results["pipeline"]
     assert pipeline["statuses"] == {"COMPLETED": 2} and len(pipeline["timeline"]) == 2
     assert pipeline["sbatch_calls"] == 6 and results["shell_loop"]["jobs"] == 6
+    assert results["burst"]["statuses"] == {"COMPLETED": 2}
     for row in pipeline["timeline"]:  # every milestone of the chain, in order
         assert row["ready"] <= row["registered"] <= row["upload"][1] <= row["sbatch"] <= row["finalized"]
         assert 0 <= row["overhead"] < row["end_to_end"] and len(row["engine"]) == 3
