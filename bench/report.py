@@ -144,7 +144,7 @@ def _timeline(p: dict, png: Path) -> None:
     ax.set_xlabel("seconds since the first case was dropped")
     ax.set_title(f"{len(rows)} cases × 3 beams: where time goes (poll interval {p['poll_interval']:g} s)")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
-              loc="lower right", fontsize=7)
+              loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
