@@ -300,8 +300,14 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(install
             poll_until(lambda: not empty_ones(), 120, interval=2, what="every dashboard query to return data")
         except AssertionError:
             raise AssertionError(f"no data for: {empty_ones()}") from None
-        finished = prometheus_query(prometheus_port, 'sum by (status) (mqi_cases_total)')
-        assert {r["metric"]["status"]: float(r["value"][1]) for r in finished} == {"COMPLETED": 1.0, "FAILED": 1.0}
+        def finished():  # as of Prometheus's latest scrape, which may predate the last finalize
+            rows = prometheus_query(prometheus_port, 'sum by (status) (mqi_cases_total)')
+            return {r["metric"]["status"]: float(r["value"][1]) for r in rows}
+        try:
+            poll_until(lambda: finished() == {"COMPLETED": 1.0, "FAILED": 1.0}, 120, interval=2,
+                       what="Prometheus to count one completed and one failed case")
+        except AssertionError:
+            raise AssertionError(f"cases counted: {finished()}") from None
         assert prometheus_query(prometheus_port, 'max(celery_queue_length{queue_name="transfer"})')
     finally:
         for proc in side:
