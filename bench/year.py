@@ -138,13 +138,6 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     return figures
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def footprint(folder: Path, seconds: float = 20.0) -> dict[str, list[float]]:
     """Scenario 6 after scenario 5: ``mqi up`` on the year's database for ``seconds`` (beat
     scans the 10,000 folders, the curator reads the host), then each process's RSS."""
