@@ -76,8 +76,16 @@ def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True)
     return d
 
 
+def _reads():
+    """Reads for a listing: straight from the database where it can, without importing
+    SQLAlchemy (see ``reads``); else through the Store."""
+    from .reads import direct_reads
+
+    return direct_reads(_settings().database.url) or _store()
+
+
 def _case_or_exit(case_id: str) -> Case:
-    case = _store().get_case(case_id)
+    case = _reads().get_case(case_id)
     if case is None:
         _fail(f"no case {case_id!r}; `mqi cases list` shows the known ones")
     return case
@@ -167,7 +175,7 @@ def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with 
         wanted = CaseStatus(status.upper()) if status else None
     except ValueError:
         _fail(f"unknown status {status!r}; use one of {', '.join(s.value for s in CaseStatus)}")
-    store = _store()
+    store = _reads()
     cases = store.recent_cases(status=wanted, since=since, limit=None if show_all else limit)
     if as_json:
         print(json.dumps([case_dict(c) for c in cases], indent=2))
@@ -182,7 +190,7 @@ def cases_list(status: Optional[str] = typer.Option(None, help="Only cases with 
 def cases_show(case_id: str, as_json: bool = JsonOpt):
     """One case with its jobs and events."""
     case = _case_or_exit(case_id)
-    d = case_dict(case, events=_store().events(case_id, with_hosts=True))
+    d = case_dict(case, events=_reads().events(case_id, with_hosts=True))
     if as_json:
         print(json.dumps(d, indent=2))
         return

@@ -14,6 +14,8 @@ from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Index, Integer, Stri
                         UniqueConstraint, create_engine, event, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from .reads import SCHEMA_REVISION
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -264,15 +266,11 @@ def beat_lock(engine: Engine, on_wait=None, poll_seconds: float = 5.0):
         os.close(fd)
 
 
-# The newest revision under migrations/versions (a test keeps the two equal): a database
-# already there is not handed to Alembic, whose import alone costs a command-line call
-# more than its whole work.
-SCHEMA_REVISION = "0006"
-
-
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent)."""
     try:
+        # A database already at the head is not handed to Alembic, whose import alone costs
+        # a command-line call more than its whole work.
         if current_revision(engine) == SCHEMA_REVISION:
             return
     except Exception:  # noqa: BLE001 - no alembic_version table yet (a new database): Alembic makes it

@@ -19,12 +19,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from . import db
+from . import db, reads
 from .host_records import HostRecords
 from .models import ACTIVE_CASE, TERMINAL_JOB, Case, CaseStatus, Job, JobStatus, check_transition
 
 _ACTIVE = [s.value for s in ACTIVE_CASE]
-HOST_EVENTS = ("host_unreachable", "host_reachable")
 _LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
 WAITING = "waiting"  # the step of a PENDING job its host cannot take yet (the poller starts it)
 
@@ -36,24 +35,15 @@ class NewJob:
     delivery_dir: str
 
 
-def _case(row: db.CaseRow, jobs: Iterable[db.JobRow] = ()) -> Case:
-    return Case(case_id=row.case_id, path=row.path, status=CaseStatus(row.status), step=row.step,
-                error=row.error, trace_id=row.trace_id, study_uid=row.study_uid, attempts=row.attempts,
-                stage=row.stage, dispatch=row.dispatch or 0, lease_until=row.lease_until,
-                reconciles=row.reconciles or 0, wait_reason=row.wait_reason, created_at=row.created_at, updated_at=row.updated_at, manifest=row.manifest or {},
-                jobs=tuple(_job(j) for j in sorted(jobs, key=lambda j: j.beam)))
+def _case(row: db.CaseRow) -> Case:
+    return reads.case_of({c: getattr(row, c) for c in reads.CASE_COLUMNS})
 
 
 def _job(row: db.JobRow) -> Job:
-    return Job(id=row.id, case_id=row.case_id, beam=row.beam, beam_name=row.beam_name, delivery_dir=row.delivery_dir,
-               status=JobStatus(row.status), step=row.step, error=row.error, scheduler=row.scheduler,
-               remote_id=row.remote_id, remote_state=row.remote_state, exit_code=row.exit_code,
-               gpu_id=row.gpu_id, results=row.results or {},
-               submitted_at=row.submitted_at, started_at=row.started_at, resubmits=row.resubmits or 0,
-               judge_attempts=row.judge_attempts or 0, finished_at=row.finished_at)
+    return reads.job_of({c: getattr(row, c) for c in reads.JOB_COLUMNS})
 
 
-class Store(HostRecords):
+class Store(HostRecords, reads.CaseReads):
     def __init__(self, engine: Engine):
         self.engine = engine
         self._sessions = db.session_factory(engine)
@@ -69,6 +59,16 @@ class Store(HostRecords):
     def session(self):
         with self._sessions.begin() as s:
             yield s
+
+    @contextmanager
+    def _reading(self):
+        """Plain SQL on a pooled connection (see ``reads``); returned to the pool after."""
+        conn = self.engine.raw_connection()
+        try:
+            with reads.reading(conn, sqlite=self.engine.dialect.name == "sqlite") as q:
+                yield q
+        finally:
+            conn.close()
 
     def _lock(self, s: Session, model, *where):
         stmt = select(model).where(*where)
@@ -111,55 +111,6 @@ class Store(HostRecords):
     def case_id_taken(self, case_id: str) -> bool:
         with self.session() as s:
             return s.get(db.CaseRow, case_id) is not None
-
-    def get_case(self, case_id: str) -> Case | None:
-        with self.session() as s:
-            row = s.get(db.CaseRow, case_id)
-            if row is None:
-                return None
-            jobs = s.scalars(select(db.JobRow).where(db.JobRow.case_id == case_id)).all()
-            return _case(row, jobs)
-
-    def list_cases(self, status: CaseStatus | None = None) -> list[Case]:
-        """Every case (or every one with ``status``), oldest first: for tests and small
-        installations; people and periodic work use ``recent_cases``."""
-        return self.recent_cases(status=status, limit=None, active=False)
-
-    def recent_cases(self, *, status: CaseStatus | None = None, since: datetime | None = None,
-                     limit: int | None = 50, active: bool = True) -> list[Case]:
-        """What a person asks for, filtered and paged by the database: the active cases
-        (``active``) plus the ``limit`` most recently changed others (with ``status``, changed
-        since ``since``), shown oldest first, with their jobs. Costs what is shown."""
-        where = []
-        if status is not None:
-            where.append(db.CaseRow.status == status.value)
-        elif active:
-            where.append(db.CaseRow.status.not_in(_ACTIVE))
-        if since is not None:
-            where.append(db.CaseRow.updated_at >= since)
-        with self.session() as s:
-            rows = list(s.scalars(select(db.CaseRow).where(*where).order_by(db.CaseRow.updated_at.desc())
-                                  .limit(limit)))
-            if active and status is None:
-                rows += s.scalars(select(db.CaseRow).where(db.CaseRow.status.in_(_ACTIVE)))
-            return self._with_jobs(s, sorted(rows, key=lambda r: (r.created_at, r.case_id)))
-
-    def changed_cases(self, since: datetime) -> list[Case]:
-        """Cases whose row or any job changed since ``since`` (the non-interactive live view)."""
-        with self.session() as s:
-            ids = set(s.scalars(select(db.CaseRow.case_id).where(db.CaseRow.updated_at >= since)))
-            ids |= set(s.scalars(select(db.JobRow.case_id).where(db.JobRow.updated_at >= since)))
-            rows = s.scalars(select(db.CaseRow).where(db.CaseRow.case_id.in_(ids))) if ids else []
-            return self._with_jobs(s, sorted(rows, key=lambda r: (r.created_at, r.case_id)))
-
-    @staticmethod
-    def _with_jobs(s: Session, rows: list[db.CaseRow]) -> list[Case]:
-        jobs: dict[str, list[db.JobRow]] = {}
-        ids = [r.case_id for r in rows]
-        for start in range(0, len(ids), 500):  # bounded IN lists
-            for j in s.scalars(select(db.JobRow).where(db.JobRow.case_id.in_(ids[start:start + 500]))):
-                jobs.setdefault(j.case_id, []).append(j)
-        return [_case(r, jobs.get(r.case_id, ())) for r in rows]
 
     def update_case(self, case_id: str, *, status: CaseStatus | None = None,
                     only_from: Iterable[CaseStatus] | None = None, **fields: Any) -> Case | None:
@@ -306,26 +257,6 @@ class Store(HostRecords):
             return list(s.scalars(select(db.CaseRow.case_id).where(
                 db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run", ~live)))
 
-    def count_by_status(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Cases and jobs per status, counted by the database."""
-        from sqlalchemy import func
-
-        with self.session() as s:
-            cases = dict(s.execute(select(db.CaseRow.status, func.count()).group_by(db.CaseRow.status)).all())
-            jobs = dict(s.execute(select(db.JobRow.status, func.count()).group_by(db.JobRow.status)).all())
-        return cases, jobs
-
-    # --- the inbox ---------------------------------------------------------------------
-    def inbox_problems(self) -> dict[str, str]:
-        """What the inbox holds that is not a case, with the reason, by entry."""
-        with self.session() as s:
-            return {r.entry: r.reason for r in s.scalars(select(db.InboxProblemRow).order_by(db.InboxProblemRow.entry))}
-
-    def inbox_problem_rows(self) -> list[dict[str, Any]]:
-        with self.session() as s:
-            return [{"entry": r.entry, "reason": r.reason, "seen_at": r.seen_at.isoformat() + "Z"}
-                    for r in s.scalars(select(db.InboxProblemRow).order_by(db.InboxProblemRow.entry))]
-
     def replace_inbox_problems(self, current: dict[str, str], recorded: dict[str, str]) -> list[str]:
         """Make the stored problems ``current`` (``recorded``: what the caller read before);
         returns the entries that are new or have a new reason. Of two scans racing, the
@@ -400,15 +331,3 @@ class Store(HostRecords):
         with self.session() as s:
             s.add(db.EventRow(case_id=case_id, command=command, payload=payload,
                               correlation_id=correlation_id))
-
-    def events(self, case_id: str, *, with_hosts: bool = False) -> list[dict[str, Any]]:
-        """The case's events; ``with_hosts`` adds host outages seen since it was registered.
-        (Two indexed queries: an OR of the two would read the whole events table.)"""
-        with self.session() as s:
-            rows = list(s.scalars(select(db.EventRow).where(db.EventRow.case_id == case_id)))
-            since = s.scalar(select(db.CaseRow.created_at).where(db.CaseRow.case_id == case_id)) if with_hosts else None
-            if since is not None:
-                rows += s.scalars(select(db.EventRow).where(
-                    db.EventRow.case_id.is_(None), db.EventRow.command.in_(HOST_EVENTS), db.EventRow.timestamp >= since))
-            return [{"command": r.command, "payload": r.payload, "correlation_id": r.correlation_id,
-                     "timestamp": r.timestamp.isoformat() + "Z"} for r in sorted(rows, key=lambda r: r.id)]
