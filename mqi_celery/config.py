@@ -50,6 +50,8 @@ class Scanner(Section):
     settle_seconds: float = Field(10.0, ge=0)
     marker: str = "_CASE_READY"
     max_depth: int = Field(3, ge=1, le=6)  # <room>/<patient>/<study> is depth 3
+    # Scan as soon as a case (or its marker) appears, beside the periodic scan (see inbox_watch).
+    watch: bool = True
 
 
 class Retry(Section):

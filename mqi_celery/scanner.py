@@ -19,12 +19,14 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import delivery_log, messages, runtime
+from celery import signals
+
+from . import delivery_log, inbox_watch, messages, runtime
 from .celery_app import app
 from .conductor import admit, admit_case_task
 from .db import utcnow
@@ -45,12 +47,15 @@ class Finding:
 
 
 def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Container[str] = (),
-           recheck: Container[str] = ()) -> Iterator[Finding]:
+           recheck: Container[str] = (), walked: Callable[[Path], None] | None = None) -> Iterator[Finding]:
     """Case folders and problems under the inbox, not descending into a case once found.
     ``inbox`` must be a real path (no link in it) for the inside/outside judgement. Folders
     in ``known`` (registered cases) are neither read nor reported, unless in ``recheck``:
-    a year of cases in the inbox costs one look at each name."""
+    a year of cases in the inbox costs one look at each name. ``walked`` is told each
+    folder looked into for cases (the inbox and the folders between it and the cases)."""
     def walk(folder: Path, depth: int) -> Iterator[Finding]:
+        if walked is not None:
+            walked(folder)
         for entry in _entries(folder, marker):
             if entry.path in known and entry.is_dir(follow_symlinks=False):
                 if entry.path in recheck:
@@ -280,3 +285,29 @@ def scan_inbox() -> list[str]:
     file) is the conductor's work, one message per new case (lost: the reconciler admits it
     when its registration lease runs out)."""
     return scan_once(admit_case=lambda case_id: admit_case_task.delay(case_id))
+
+
+def folders_to_watch() -> dict[str, bool]:
+    """Where a new case can show up (False): the folders the scan looks into for cases; and
+    the case folders not registered yet (True: their ready marker)."""
+    settings, store = runtime.settings(), runtime.store()
+    inbox = Path(os.path.realpath(settings.paths.inbox))
+    walked: list[Path] = []
+    known = known_paths(store).refresh(store)
+    # Not registered: a case settling, or a folder that is not one yet (being copied): the
+    # watch refuses what is not a real folder.
+    pending = [f.path for f in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known,
+                                      walked=walked.append) if str(f.path) not in known]
+    return {**{str(p): True for p in pending}, **{str(p): False for p in walked}}
+
+
+WATCH_REFRESH_SECONDS = 2.0  # new folders are watched within this even without an event (a survey: cheap)
+
+
+@signals.beat_init.connect
+def _watch_the_inbox(**_):
+    """Beat runs once per installation: so does the watch."""
+    scanner = runtime.settings().scanner
+    if scanner.watch:
+        inbox_watch.start(folders_to_watch, lambda: scan_inbox.apply_async(expires=scanner.interval_seconds),
+                          scanner.marker, refresh_seconds=min(scanner.interval_seconds, WATCH_REFRESH_SECONDS))

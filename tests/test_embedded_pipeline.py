@@ -58,6 +58,17 @@ def test_case_with_marker_completes(embedded):
     assert run.stop() == 0  # Ctrl-C stops cleanly
 
 
+def test_a_dropped_case_starts_without_waiting_for_the_periodic_scan(embedded):
+    """The inbox watch wakes the scanner: with an hour between periodic scans, cases
+    dropped into a running installation are still registered at once."""
+    run = embedded(scanner={"interval_seconds": 3600})
+    first = run.wait_case(make_case(run.inbox, "study_1", marker=True).name, timeout=120)  # found at start-up
+    second = make_case(run.inbox, "study_2")  # after the start-up scan: only the watch can see it
+    (second / "_CASE_READY").touch()
+    assert first["status"] == run.wait_case("study_2", timeout=120)["status"] == "COMPLETED"
+    assert run.stop() == 0
+
+
 def test_case_without_marker_completes_after_settling(embedded):
     run = embedded(scanner={"settle_seconds": 2})
     make_case(run.inbox / "G2" / "55061194")  # nested <room>/<patient>/<study>

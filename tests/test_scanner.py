@@ -114,3 +114,36 @@ def test_a_scan_reads_only_what_is_new_not_the_cases_already_registered(config_f
     assert any(p.name == "new_one" for p in read)
     assert not any(p.name.startswith("old") for p in read)  # 20 registered folders: not opened
     assert asked and all(since is not None for since in asked)  # only what was registered lately
+
+
+def test_the_inbox_watch_wakes_a_scan_when_a_case_or_its_marker_appears(config_file):
+    from mqi_celery import inbox_watch
+    from mqi_celery.scanner import folders_to_watch
+    from tests.polling import poll_until
+
+    inbox = runtime.settings().paths.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    registered = make_case(inbox, "registered", marker=True)
+    assert scan_once(admit_case=lambda case_id: None)
+    wakes = []
+    watch = inbox_watch.start(folders_to_watch, lambda: wakes.append(time.monotonic()), "_CASE_READY",
+                              refresh_seconds=60)
+    assert watch is not None, "inotify is available on Linux"
+    try:
+        poll_until(lambda: wakes, 60, 0.05, "the wake-up at start")
+        watched = watch.watched()
+        assert os.path.realpath(inbox) in watched
+        assert os.path.realpath(registered) not in watched, "a registered case costs no watch"
+        pending = make_case(inbox / "G2" / "12345", "study_b")  # nested, no marker yet
+        poll_until(lambda: os.path.realpath(pending) in watch.watched(), 60, 0.05, "the new case to be watched")
+        seen = len(wakes)
+        (pending / "more.txt").write_text("the copy goes on")  # not news: no scan for it
+        (pending / "_CASE_READY").touch()
+        poll_until(lambda: len(wakes) > seen, 60, 0.05, "a wake-up for the marker")
+        assert scan_once(admit_case=lambda case_id: None), "the woken scan registers it"
+        (inbox / "poke").mkdir()  # any event: the watch refreshes and lets go of the registered case
+        poll_until(lambda: os.path.realpath(pending) not in watch.watched(), 60, 0.05, "the watch to be dropped")
+        poll_until(lambda: len(wakes) >= seen + 2, 60, 0.05, "a wake-up for the new folder")
+        assert len(wakes) == seen + 2, "woken by the marker and the new folder, not by the file copied in"
+    finally:
+        watch.close()
