@@ -17,6 +17,7 @@ production process topology), a loopback sshd and a single-node Slurm with 2 fak
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import statistics
@@ -87,7 +88,10 @@ def shell_loop(tb: Testbed, folder: Path, jobs: int, recorder: Path, inputs: lis
 
 def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 50, poll: float = 1.0,
         engine_delay: float = 0.2, pace: float = 0.0) -> dict:
-    """``pace``: seconds between two drops (0: all at once, the pipeline at saturation)."""
+    """``pace``: mean seconds between two drops (0: all at once, the pipeline at saturation).
+    The gaps are random (0.5 to 1.5 times the pace, seeded): drops at a fixed period would
+    stay in one phase of the scan and poll intervals, and the waits measured would be that
+    phase's, not their average."""
     folder.mkdir(parents=True, exist_ok=True)
     runs_log = folder / "engine-runs.log"
     recorder = folder / "recorder"
@@ -120,13 +124,13 @@ def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 5
         os.rename(staging / "warmup", inbox / "warmup")
         _wait(lambda: (c := store.get_case("warmup")) and c.status.value in ("COMPLETED", "FAILED"), 600, "warm-up")
         logins, calls = tb.accepted_ssh_logins(), len(tb.scheduler_calls())
-        dropped = {}
+        dropped, arrivals = {}, random.Random(11)
         for i in range(cases):
             name = f"bench{i:03d}"
             make_case(staging, name, marker=True)
             os.rename(staging / name, inbox / name)
             dropped[name] = time.time()
-            time.sleep(pace)  # the arrival rate under test, not a synchronisation
+            time.sleep(pace * arrivals.uniform(0.5, 1.5))  # the arrival rate under test, not a synchronisation
         _wait(lambda: all((c := store.get_case(n)) and c.status.value in ("COMPLETED", "FAILED") for n in dropped),
               3600, "every case to finish")
         rss = {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "beat")}

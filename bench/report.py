@@ -63,7 +63,8 @@ def _pipeline(p: dict | None, burst: dict | None, loop: dict | None) -> list[str
 
 
 def _overhead(p: dict, title: str) -> list[str]:
-    arrival = f"one case every {p['pace']:g} s" if p.get("pace") else "all at once"
+    arrival = (f"one case every {p['pace']:g} s on average, at random gaps of {p['pace'] / 2:g} to "
+               f"{p['pace'] * 1.5:g} s" if p.get("pace") else "all at once")
     lines = [f"{title} ({p['cases']} cases × 3 beams, {arrival}; RabbitMQ + PostgreSQL + sshd + Slurm, "
              f"poll interval {p['poll_interval']:g} s, scanner interval 1 s)", "",
              "Overhead per case = the gaps the pipeline adds: ready → registered → upload → first sbatch, and "

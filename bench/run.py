@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                 case=case or (bench_transfer.REAL_CASE if bench_transfer.REAL_CASE.is_dir() else None)))
         if only & {2, 4, 6}:
             print(f"scenarios 2, 4, 6: {size['cases']} cases through the stack, one every "
-                  f"{size['pace']:g} s", flush=True)
+                  f"{size['pace']:g} s on average", flush=True)
             with rabbitmq_vhost() as broker, postgres_database() as database:
                 results["pipeline"] = pipeline.run(work / "pipeline", broker, database, tb, cases=size["cases"],
                                                    pace=size["pace"])

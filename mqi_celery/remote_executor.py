@@ -18,6 +18,7 @@ from .store import WAITING
 from .tasks import PipelineTask
 
 log = logging.getLogger(__name__)
+SUBMITTING = "submitting"  # a beam's step while its scheduler is asked to start it
 
 
 @app.task(name="mqi.submit_beam", base=PipelineTask, bind=True)
@@ -32,7 +33,7 @@ def submit_beam(self, case_id: str, beam: int) -> str:
         return f"skipped: case is in stage {case.stage}"
     job = next(j for j in case.jobs if j.beam == beam)
     if job.status is JobStatus.PENDING:
-        if job.step not in ("input written", WAITING):  # after a crash past this point the folder may hold its run
+        if job.step not in ("input written", WAITING, SUBMITTING):  # past here the folder may hold its run
             _write_input(case, job)
         start_or_wait(case_id, beam)
     if store.finish_submits(case_id):
@@ -79,10 +80,18 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     # Derived from state that only changes after a successful submit (case retries, node-
     # fault resubmits): a redelivery of this submit computes the same token and adopts.
     token = f"{case.trace_id[:12]}.{case.attempts}.{fields.get('resubmits', job.resubmits)}"
+    # Recorded before the scheduler is asked: only a delivery that finds this step (an
+    # earlier one got this far, then crashed or lost its answer) looks for a run to adopt.
+    may_exist = job.step == SUBMITTING
+    if not may_exist and runtime.store().update_job(case_id, beam, step=SUBMITTING,
+                                                    only_from={JobStatus.PENDING, JobStatus.RUNNING}) is None:
+        runtime.store().release_claims(case_id, beam)  # cancelled meanwhile: no run, and its GPU back
+        return "cancelled"
     spec = JobSpec(name=f"mqi-{case_id}-{beam}", workdir=job_dir,
                    command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
                                                job_dir=job_dir),
-                   gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds, token=token)
+                   gpu_id=gpu_id, time_limit_seconds=settings.engine.timeout_seconds, token=token,
+                   may_exist=may_exist)
     metrics.SCHEDULER_QUERIES.labels(host=host.name, command="submit").inc()
     remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
     faults.point("after_submit")  # crash tests: die between the submit and the database write

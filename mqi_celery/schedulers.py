@@ -29,6 +29,9 @@ class JobSpec:
     # redelivered submit adopts the run carrying its token (running or already finished)
     # instead of starting a second one.
     token: str = ""
+    # False when no earlier delivery of this submit reached the scheduler (the database says
+    # so): there is no run to adopt, and no need to ask for one.
+    may_exist: bool = True
 
 
 @dataclass(frozen=True)

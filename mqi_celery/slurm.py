@@ -279,7 +279,7 @@ class SlurmScheduler:
             raise ExecutionError(f"job folder {workdir} is outside {self.job_dir_root}", transient=False)
         script = render_batch_script(spec, self.settings)  # validates name and folder first
         # A retried task must not start a second run of the same beam: adopt the live one.
-        if existing := self.find_job(spec.name, spec.token):
+        if spec.may_exist and (existing := self.find_job(spec.name, spec.token)):
             log.info("adopting Slurm job %s for %s", existing, spec.name)
             return existing
         path = workdir / SCRIPT_NAME
