@@ -37,9 +37,14 @@ from tests.testbed.cluster import Testbed  # noqa: E402
 
 DEMO = Path(sys.executable).parent / "mqi-demo-engine"
 # The engine stand-in: the demo engine (a real RTDOSE out) noting its own start and end.
+# The stand-in engine's work varies per beam (0.5 to 1.5 times the mean, seeded by its input
+# file, so the baseline's runs of the same inputs take the same time), as real runs vary: at
+# one fixed length every run would end at the same point of the poll interval (Slurm starts
+# jobs on its own 1 s cycle) and the waits measured would be that point's, not the average.
 RECORDER = """#!/bin/sh
 start=$(date +%s.%N)
-{demo} --batches 5 --delay {delay} "$1"; rc=$?
+delay=$(printf '%s' "$1" | cksum | awk -v d={delay} '{{srand($1); printf "%.3f", d * (0.5 + rand())}}')
+{demo} --batches 5 --delay "$delay" "$1"; rc=$?
 echo "$1 $start $(date +%s.%N)" >> {log}
 exit $rc
 """
