@@ -57,6 +57,9 @@ def render_batch_script(spec: JobSpec, settings: SlurmSettings) -> str:
     )
 
 
+_WRITE_FAILED = 97  # the exit code of a submit whose script could not be written (sbatch's are 0 and 1)
+
+
 def write_script_command(path: PurePosixPath, text: str) -> str:
     tmp = shlex.quote(f"{path}.tmp")
     return (f"mkdir -p {shlex.quote(str(path.parent))} && printf '%s' {shlex.quote(text)} > {tmp} "
@@ -283,10 +286,11 @@ class SlurmScheduler:
             log.info("adopting Slurm job %s for %s", existing, spec.name)
             return existing
         path = workdir / SCRIPT_NAME
-        r = self._run(write_script_command(path, script))
-        if r.returncode != 0:
+        # One command, one round trip: the script is written, then handed to sbatch.
+        r = self._run(f"{{ {write_script_command(path, script)}; }} || exit {_WRITE_FAILED}; "
+                      f"{sbatch_command(workdir, path, spec.token)}")
+        if r.returncode == _WRITE_FAILED:
             raise _error(f"writing {path}", self.host.name, r.stderr, transient=True)
-        r = self._run(sbatch_command(workdir, path, spec.token))
         if r.returncode != 0:  # transient if slurmctld is unreachable; a rejection is final
             raise _error(f"sbatch {spec.name}", self.host.name, r.stderr or r.stdout)
         try:

@@ -200,7 +200,8 @@ class ScriptedHost:
     def run(self, command: str, *, timeout: float = 60) -> CommandResult:
         self.commands.append(command)
         word = command.split()[0]
-        return CommandResult(*self.answers[{"cd": "sbatch", "for": "scontrol"}.get(word, word)].pop(0))
+        # A submit writes its script and calls sbatch in one command ("{ mkdir ...; } ... sbatch").
+        return CommandResult(*self.answers[{"{": "sbatch", "for": "scontrol"}.get(word, word)].pop(0))
 
 
 def test_poll_falls_back_to_scontrol_once_when_accounting_is_disabled():
@@ -234,9 +235,9 @@ def test_single_unknown_id_is_missing_not_an_error():
 @pytest.mark.parametrize("call, answers", [
     ("poll", {"squeue": [(1, "", fixture("controller_down_squeue.stderr.txt"))]}),
     ("submit", {"squeue": [(1, "", fixture("controller_down_squeue.stderr.txt"))]}),
-    ("submit", {"squeue": [(0, "", "")], "mkdir": [(0, "", "")],
-                "sbatch": [(1, "", fixture("controller_down_sbatch.stderr.txt"))]}),
-    ("submit", {"squeue": [(0, "", "")], "mkdir": [(0, "", "")], "sbatch": [(0, "garbage\n", "")]}),
+    ("submit", {"squeue": [(0, "", "")], "sbatch": [(1, "", fixture("controller_down_sbatch.stderr.txt"))]}),
+    ("submit", {"squeue": [(0, "", "")], "sbatch": [(0, "garbage\n", "")]}),
+    ("submit", {"squeue": [(0, "", "")], "sbatch": [(97, "", "mkdir: cannot create directory: No space left")]}),
     ("cancel", {"scancel": [(8, "", fixture("controller_down_scancel.stderr.txt"))]}),
 ])
 def test_unreachable_controller_is_transient(call, answers):
@@ -250,7 +251,7 @@ def test_unreachable_controller_is_transient(call, answers):
 @pytest.mark.parametrize("stderr", ["sbatch_invalid_partition.stderr.txt", "sbatch_invalid_gres.stderr.txt",
                                     "sbatch_too_many_gpus.stderr.txt"])
 def test_sbatch_rejection_is_permanent(stderr):
-    host = ScriptedHost(squeue=[(0, "", "")], mkdir=[(0, "", "")], sbatch=[(1, "", fixture(stderr))])
+    host = ScriptedHost(squeue=[(0, "", "")], sbatch=[(1, "", fixture(stderr))])
     with pytest.raises(ExecutionError) as err:
         SlurmScheduler(host).submit(spec())
     assert not err.value.transient and "sbatch" in str(err.value)
