@@ -111,7 +111,7 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     """Build the year and time each figure against its baseline; returns the figures."""
     from rich.console import Console
 
-    from mqi_celery import cli, curator, scanner
+    from mqi_celery import case_view, curator, scanner
 
     configure(folder, url)
     started = time.perf_counter()
@@ -133,7 +133,7 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     figures["list_baseline"] = timed(lambda: store.list_cases(), runs=1)  # before: every case, every job
     figures["curator"] = timed(lambda: curator.report_system_status.run())
     sink = Console(file=io.StringIO(), width=160)
-    figures["live_refresh"] = timed(lambda: sink.print(cli.overview(store)))
+    figures["live_refresh"] = timed(lambda: sink.print(case_view.overview(store)))
     figures["registered_new"] = sum(1 for c in store.recent_cases(limit=None) if c.case_id.startswith("new_"))
     return figures
 

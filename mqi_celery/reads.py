@@ -63,6 +63,15 @@ def _marks(values) -> str:
     return ", ".join("?" for _ in values)
 
 
+def _by_case_ids(q: Query, select: str, ids: list[str]) -> list:
+    """``select`` rows of these cases, in bounded IN lists."""
+    rows = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        rows += q(f"{select} WHERE case_id IN ({_marks(chunk)})", *chunk)
+    return rows
+
+
 @contextmanager
 def reading(conn, *, sqlite: bool) -> Iterator[Query]:
     """Queries on one DB-API connection. On SQLite they share one snapshot (a read
@@ -132,23 +141,16 @@ class CaseReads:
         with self._reading() as q:
             ids = sorted({r[0] for r in q("SELECT case_id FROM cases WHERE updated_at >= ?", since)}
                          | {r[0] for r in q("SELECT case_id FROM jobs WHERE updated_at >= ?", since)})
-            rows = []
-            for start in range(0, len(ids), 500):  # bounded IN lists
-                chunk = ids[start:start + 500]
-                rows += q(f"{_CASES} WHERE case_id IN ({_marks(chunk)})", *chunk)
-            return self._with_jobs(q, rows)
+            return self._with_jobs(q, _by_case_ids(q, _CASES, ids))
 
     @staticmethod
     def _with_jobs(q: Query, rows: list) -> list[Case]:
         """Cases from rows, with their jobs, oldest first."""
         cases = [dict(zip(CASE_COLUMNS, r)) for r in rows]
         jobs: dict[str, list[Job]] = {}
-        ids = [c["case_id"] for c in cases]
-        for start in range(0, len(ids), 500):  # bounded IN lists
-            chunk = ids[start:start + 500]
-            for r in q(f"{_JOBS} WHERE case_id IN ({_marks(chunk)})", *chunk):
-                job = job_of(dict(zip(JOB_COLUMNS, r)))
-                jobs.setdefault(job.case_id, []).append(job)
+        for r in _by_case_ids(q, _JOBS, [c["case_id"] for c in cases]):
+            job = job_of(dict(zip(JOB_COLUMNS, r)))
+            jobs.setdefault(job.case_id, []).append(job)
         found = [case_of(c, jobs.get(c["case_id"], ())) for c in cases]
         return sorted(found, key=lambda c: (c.created_at, c.case_id))
 

@@ -294,10 +294,10 @@ def folders_to_watch() -> dict[str, bool]:
     inbox = Path(os.path.realpath(settings.paths.inbox))
     walked: list[Path] = []
     known = known_paths(store).refresh(store)
-    # Not registered: a case settling, or a folder that is not one yet (being copied): the
-    # watch refuses what is not a real folder.
+    # Not registered (survey skips the known): a case settling, or a folder that is not one
+    # yet (being copied); the watch refuses what is not a real folder.
     pending = [f.path for f in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known,
-                                      walked=walked.append) if str(f.path) not in known]
+                                      walked=walked.append)]
     return {**{str(p): True for p in pending}, **{str(p): False for p in walked}}
 
 
