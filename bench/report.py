@@ -6,6 +6,7 @@ from pathlib import Path
 
 TARGETS = {"overhead_median": 1.0, "jobs_ratio": 0.9, "logins_per_case": 0.05, "squeue_per_interval": 1,
            "scan_new": 0.2, "live_refresh": 0.1, "curator": 0.1, "list": 0.5, "list_json": 0.5, "show": 0.5,
+           "status": 1.0, "status_loaded": 1.0,
            "rss_mb": 150}
 
 
@@ -116,6 +117,8 @@ def _year(y: dict, kind: str) -> list[str]:
             row("`mqi cases list --json`", "list_json", "list_baseline"),
             row("`mqi cases show ID`", "show"),
             row("`mqi --help`", "help"),
+            row("`mqi status`", "status"),
+            row("`mqi status` with both cores busy (two busy loops)", "status_loaded"),
             row("one curator run", "curator"),
             row("one refresh of the live view", "live_refresh", "list_baseline"),
             "", f"Baselines: the scan read every registered path and opened every folder; listings read every "

@@ -6,6 +6,7 @@ runs periodically or interactively, beside the way it was done before (the basel
   database and every folder opened, each scan);
 - ``mqi cases list``, ``mqi cases list --json``, ``mqi cases show`` as a user times them
   (a new process each, start-up included; before: ``Store.list_cases()`` read every case);
+- ``mqi status``, on an idle machine and with both cores busy;
 - one curator run; one refresh of the live view of ``mqi run`` (before: every case).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from mqi_celery import db, runtime  # noqa: E402
 from tests.casegen import make_case  # noqa: E402
+from tests.services import CpuHog  # noqa: E402
 
 MQI = Path(sys.executable).parent / "mqi"
 FILES_PER_CASE = 223  # the real case: plan, 2 texts per beam, a .ptn and an .mgn per layer (108)
@@ -130,6 +132,9 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     figures["list_json"] = timed(lambda: as_a_user("cases", "list", "--json"))
     figures["show"] = timed(lambda: as_a_user("cases", "show", ids[len(ids) // 2]))
     figures["help"] = timed(lambda: as_a_user("--help"))
+    figures["status"] = timed(lambda: as_a_user("status"))
+    with CpuHog(2):  # other work running: it must still answer within a second
+        figures["status_loaded"] = timed(lambda: as_a_user("status"))
     figures["list_baseline"] = timed(lambda: store.list_cases(), runs=1)  # before: every case, every job
     figures["curator"] = timed(lambda: curator.report_system_status.run())
     sink = Console(file=io.StringIO(), width=160)

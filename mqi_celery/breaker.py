@@ -31,6 +31,10 @@ class HostUnavailable(ConnectionError_):
 
 
 class Breaker:
+    #: Called once the breaker closes: the application sends the waiting cases on at once
+    #: (set by ``celery_app``; without it they go on at the reconciler's next run).
+    on_close = None
+
     def __init__(self, store, host: str, *, failures_to_open: int, cooldown_seconds: float):
         self.store, self.host = store, host
         self.failures_to_open, self.cooldown = failures_to_open, timedelta(seconds=cooldown_seconds)
@@ -40,13 +44,21 @@ class Breaker:
 
     def _event(self, command: str, payload: dict) -> None:
         """A host event in the events table (shown by `mqi cases show` of the cases it
-        touched); the reconciler resumes parked cases at its next run."""
+        touched)."""
         self.store.add_event(command, payload, case_id=None, correlation_id=None)
 
     def state(self) -> tuple[str, datetime | None, str | None]:
+        return self.store.breaker_state(self.host)
+
+    def probe_soon(self, within: float) -> None:
+        """A periodic prober whose period equals the cool-down would miss a probe due a
+        moment after it runs, and wait a whole period more: one due within ``within``
+        seconds is due now."""
+        now = db.utcnow()
         with self.store.session() as s:
-            row = s.get(db.HostRow, self.host)
-            return ("closed", None, None) if row is None else (row.state, row.opened_at, row.last_error)
+            row = self._row(s)
+            if row.state == "open" and row.probe_at and row.probe_at - now <= timedelta(seconds=within):
+                row.probe_at = now
 
     def before_connect(self) -> None:
         """Raise ``HostUnavailable`` unless this caller may try to connect now."""
@@ -74,6 +86,8 @@ class Breaker:
         if was != "closed":
             log.warning("host %s reachable again; its breaker closed", self.host)
             self._event("host_reachable", {"host": self.host, "down_since": since.isoformat() + "Z"})
+            if Breaker.on_close is not None:
+                Breaker.on_close()
 
     def failed(self, error: str) -> None:
         now = db.utcnow()

@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,6 +30,12 @@ DELIVERY_LOG_FILES = ("PlanInfo.txt", "PlanRange.txt", "*.ptn", "*.mgn")
 ARCHIVES = ("*.zip", "*.7z", "*.rar", "*.tar", "*.tgz", "*.tar.*", "*.gz", "*.bz2", "*.xz")
 PLAN_PATTERN = "RP*.dcm"
 MAX_DEPTH_IN_CASE = 4  # <case>/<delivery>/... deeper than this is not an export
+# What no real case comes near (the real one: 3 beams, 217 files, 45 MB; layer files up to
+# 1.3 MB, text files 4 KB, the plan 0.7 MB). Checked on sizes and counts before a file is
+# read, so an implausible one costs neither memory nor an upload.
+MAX_FILES_IN_CASE = 100_000
+MAX_SIZE = {"*.ptn": 256 << 20, "*.mgn": 256 << 20, "*.txt": 1 << 20, "*.dcm": 256 << 20}
+MAX_OTHER_FILE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class CaseInfo:
     study_uid: str
     machine: str
     beams: tuple[DeliveredBeam, ...]
+    unused: tuple[str, ...] = ()  # layer files no PlanRange.txt row names: reported, not uploaded
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ def inventory(case_dir: Path, marker: str) -> Inventory:
     require_folder(case_dir)
     files: dict[str, int] = {}
     folders: list[str] = []
+    links: dict[tuple[int, int], list[tuple[str, int]]] = {}
 
     def walk(folder: Path, rel: PurePosixPath, depth: int) -> None:
         with os.scandir(folder) as it:
@@ -102,7 +111,14 @@ def inventory(case_dir: Path, marker: str) -> Inventory:
                 folders.append(str(rel / entry.name))
                 walk(Path(entry.path), rel / entry.name, depth + 1)
             elif entry.is_file(follow_symlinks=False):
-                files[str(rel / entry.name)] = entry.stat(follow_symlinks=False).st_size
+                info = entry.stat(follow_symlinks=False)
+                _check_plausible(where, entry.name, info)
+                files[str(rel / entry.name)] = info.st_size
+                if info.st_nlink > 1:
+                    links.setdefault((info.st_dev, info.st_ino), []).append((where, info.st_nlink))
+                if len(files) > MAX_FILES_IN_CASE:
+                    raise ValidationError(f"the case folder holds more than {MAX_FILES_IN_CASE:,} files, far more "
+                                          "than any delivery; copy only the plan and the delivery log folders")
             else:
                 raise ValidationError(f"{where} is not a regular file (a pipe, socket or device); remove it "
                                       "from the case folder")
@@ -113,7 +129,23 @@ def inventory(case_dir: Path, marker: str) -> Inventory:
         require_folder(case_dir)  # the whole case went: say so
         raise ValidationError("files of the case disappeared while it was being read; wait until the copy is "
                               "complete, then retry the case") from None
+    for names in links.values():  # every link of a file inside the case is fine (cp -al within it)
+        where, nlink = names[0]
+        if nlink > len(names):
+            raise ValidationError(f"{where} in the case folder is a hard link to a file that also lies outside the "
+                                  "case; copy the real file into the case instead (links are never followed)")
     return Inventory(files=files, folders=tuple(folders))
+
+
+def _check_plausible(where: str, name: str, info) -> None:
+    """A file no delivery holds: refused on its size before it is read or uploaded (a sparse
+    one too: its size is what would be read and sent)."""
+    limit = next((size for pattern, size in MAX_SIZE.items() if fnmatch.fnmatchcase(name.lower(), pattern)),
+                 MAX_OTHER_FILE)
+    if info.st_size > limit:
+        raise ValidationError(f"{where} is {info.st_size / (1 << 20):,.1f} MiB, far larger than such a file of a "
+                              f"delivery can be (at most {limit >> 20} MiB); copy the file the delivery system wrote")
+
 
 
 def beam_machine(case_dir: Path, plan: str, beam: int) -> str:
@@ -212,17 +244,38 @@ def _check_loose_files(inv: Inventory) -> None:
                                   "then remove it")
 
 
+def _check_plan_identity(name: str, plan) -> None:
+    """The plan says whose and which study it is: without that no log can be checked against it."""
+    for keyword in ("PatientID", "StudyInstanceUID"):
+        if not str(plan.get(keyword, "") or "").strip():
+            raise ValidationError(f"RT plan {name} has no {keyword}, so no delivery log can be checked against it; "
+                                  "export the plan again from the planning system")
+
+
 def _check_same_treatment(folder: str, info: dict[str, str], plan) -> None:
     """A log of another patient or study beside this plan would be recomputed against the
-    wrong plan. (Patient ids are compared, never shown.)"""
-    patient, plan_patient = info.get("DICOM_PATIENT_ID"), str(plan.get("PatientID", "")).strip()
-    if patient and plan_patient and patient != plan_patient:
+    wrong plan. (Patient ids are compared, never shown; both are present by now.)"""
+    patient, plan_patient = info["DICOM_PATIENT_ID"], str(plan.get("PatientID", "")).strip()
+    if patient != plan_patient:
         raise ValidationError(f"{folder}/PlanInfo.txt is of another patient than the RT plan (its "
                               "DICOM_PATIENT_ID is not the plan's Patient ID); copy this patient's delivery log")
-    study, plan_study = info.get("DICOM_STUDY_INS_UID"), str(plan.get("StudyInstanceUID", "")).strip()
-    if study and plan_study and study != plan_study:
+    study, plan_study = info["DICOM_STUDY_INS_UID"], str(plan.get("StudyInstanceUID", "")).strip()
+    if study != plan_study:
         raise ValidationError(f"{folder}/PlanInfo.txt is of study {shown(study)}, but the RT plan is of study "
                               f"{shown(plan_study)}; copy the delivery log of this plan's study")
+
+
+MAX_BEAM_NAME = 64  # DICOM's LO value: the engine's input and result names carry it
+
+
+def _beam_name(plan_file: str, number: int, beam) -> str:
+    name = str(beam.get("BeamName", "") or f"beam{number}")
+    if len(name) > MAX_BEAM_NAME or not name.isprintable():
+        what = f"is {len(name)} characters long (DICOM allows {MAX_BEAM_NAME})" if len(name) > MAX_BEAM_NAME else \
+            "holds control characters"
+        raise ValidationError(f"RT plan {plan_file}: the BeamName of beam {number} {what}; export the plan again "
+                              "from the planning system")
+    return name
 
 
 def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
@@ -230,12 +283,14 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
     folder of the case must be a beam's delivery log: nothing is skipped unannounced."""
     inv = inventory(case_dir, marker)
     plan_file, plan, beams = _read_plan(case_dir, inv)
+    _check_plan_identity(plan_file, plan)
     _check_loose_files(inv)
     folders = sorted(inv.top_folders())
     if not folders:
         raise ValidationError(f"no delivery log folders (with PlanInfo.txt) in case folder {shown(case_dir.name)}; "
                               "copy one folder per delivered beam into it")
     delivered: dict[int, DeliveredBeam] = {}
+    unused: list[str] = []
     for folder in folders:
         if f"{folder}/PlanInfo.txt" in inv.folders:
             raise ValidationError(f"{folder}/PlanInfo.txt is a folder, not a file; copy the file the delivery "
@@ -258,17 +313,42 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
         if number in delivered:
             raise ValidationError(f"beam {number} has two delivery folders ({delivered[number].folder}, "
                                   f"{folder}); keep the one to recompute")
-        delivered[number] = DeliveredBeam(number, str(beam.get("BeamName", f"beam{number}")), folder,
-                                          delivery_log.check_layers(case_dir, folder, inv, info),
+        layers, extra = delivery_log.check_layers(case_dir, folder, inv, info)
+        unused += extra
+        delivered[number] = DeliveredBeam(number, _beam_name(plan_file, number, beam), folder, layers,
                                           str(beam.get("TreatmentMachineName", "")))
     first = delivered[min(delivered)]
     return CaseInfo(plan_file=plan_file, study_uid=str(plan.get("StudyInstanceUID", "")), machine=first.machine,
-                    beams=tuple(delivered[n] for n in sorted(delivered)))
+                    beams=tuple(delivered[n] for n in sorted(delivered)), unused=tuple(unused))
 
 
-def manifest(case_dir: Path, marker: str) -> dict[str, str]:
-    """SHA-256 of every file of the case, by relative path."""
-    files = inventory(case_dir, marker).files
+def last_change(folder: Path) -> float:
+    """When anything in the folder last changed (its own entry included, links not followed).
+    Change times, not modification times: a copy that keeps the source's dates (``cp -p``,
+    rsync) or a file dated in the future cannot make a folder look settled, or unsettled."""
+    newest = 0.0
+    for path in _walk_entries(folder):
+        try:
+            newest = max(newest, os.lstat(path).st_ctime)
+        except FileNotFoundError:  # gone since it was listed (a copy's temporary file): changing now
+            if path == str(folder):
+                raise
+            return time.time()
+    return newest
+
+
+def _walk_entries(folder: Path):
+    yield str(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            yield os.path.join(root, name)
+
+
+def manifest(case_dir: Path, marker: str, *, leave_out=()) -> dict[str, str]:
+    """SHA-256 of every file of the case (but ``leave_out``), by relative path: what is uploaded."""
+    files = [rel for rel in inventory(case_dir, marker).files if rel not in set(leave_out)]
     try:
         return {rel: case_file_sha256(case_dir, rel) for rel in files}
     except FileNotFoundError as exc:

@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 
 from .models import Case
+from .terminal import data
 
 
 def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True) -> dict:
@@ -35,8 +36,8 @@ def cases_table(cases: list[Case], total: dict[str, int] | None = None) -> Table
     for c in cases:
         beams = " ".join(f"{j.beam}:{j.status.value[0]}" for j in c.jobs)
         color = colors.get(c.status.value, "white")
-        table.add_row(c.case_id, f"[{color}]{c.status.value}[/{color}]", c.step or "", beams,
-                      c.error or (f"waiting: {c.wait_reason}" if c.wait_reason else ""))
+        table.add_row(data(c.case_id), data(c.status.value, style=color), data(c.step), beams,
+                      data(c.error or (f"waiting: {c.wait_reason}" if c.wait_reason else "")))
     return table
 
 
@@ -46,7 +47,7 @@ def inbox_table(problems: list[dict]) -> Table:
     table.add_column("entry (in the inbox)", overflow="fold")
     table.add_column("why, and what to do", overflow="fold")
     for p in problems:
-        table.add_row(p["entry"], p["reason"])
+        table.add_row(data(p["entry"]), data(p["reason"]))
     return table
 
 

@@ -1,15 +1,75 @@
-"""The Celery application. Task modules are one per component (see ``tasks.TASK_MODULES``)."""
+"""The Celery application. Task modules are one per component (see ``queues.TASK_MODULES``)."""
+import logging
 import os
+import re
 import time
 from datetime import datetime
 
 from celery import Celery, signals
 
 from . import logs, metrics, runtime
-from .tasks import TASK_MODULES
+from .queues import TASK_MODULES
 
 app = Celery("mqi_celery", include=TASK_MODULES)
 app.config_from_object("celeryconfig")
+log = logging.getLogger(__name__)
+
+
+def _host_back() -> None:
+    """The host answers again: its waiting cases go on now, not at the reconciler's next run."""
+    try:
+        app.send_task("mqi.resume_parked")
+    except Exception as exc:  # noqa: BLE001 - the reconciler's next run resumes them
+        log.warning("could not ask for the waiting cases to resume: %s", exc)
+
+
+@signals.worker_init.connect
+def _declare_every_queue(**_):
+    """On RabbitMQ every queue of the pipeline exists before Celery binds them for delayed
+    retries: it binds all of them, also those no worker here consumes, and a missing one
+    made it log "Native delayed delivery will not be available" although retries worked."""
+    if not runtime.settings().broker.amqp:
+        return
+    try:
+        with app.connection_for_write(connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+            channel = conn.default_channel
+            for queue in app.amqp.queues.values():
+                queue.bind(channel).declare()
+    except Exception as exc:  # noqa: BLE001 - the broker is down: the worker connects (and declares) later
+        log.info("could not declare the queues at start: %s", exc)
+
+
+@signals.worker_init.connect
+def _resume_when_the_host_is_back(**_):
+    # Workers close breakers; a command like `mqi status` imports this module without the
+    # breaker's database layer (pool children inherit the hook).
+    from .breaker import Breaker
+
+    Breaker.on_close = staticmethod(_host_back)
+
+
+# RabbitMQ's delayed retries travel with their delay in the routing key ("0.1.0.….transfer").
+_DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
+
+
+def queue_depths(queues, *, timeout: float = 2.0) -> dict[str, int | None]:
+    """Messages waiting in each queue, asked of the broker once; None where it did not say
+    (unreachable: one quick attempt, never the workers' endless reconnecting)."""
+    depths: dict[str, int | None] = {q: None for q in queues}
+    try:
+        with app.connection_for_read(connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+            channel = conn.default_channel
+            for queue in queues:
+                try:
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except Exception:  # noqa: BLE001 - not declared yet: nothing waits in it
+                    depths[queue] = 0
+                    channel = conn.channel()  # AMQP closed the one that asked
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        log.info("could not read queue depths: %s", exc)
+    return depths
 
 
 @signals.setup_logging.connect
@@ -27,6 +87,7 @@ def _fresh_connections(**_):
 
 @signals.worker_ready.connect
 def _count_threads(sender=None, **_):
+    metrics.WORKER_NODES.inc()  # the main process: one per node (celery-exporter counts hosts)
     pool = sender.pool if sender is not None else None
     if pool is not None and type(pool).__module__.endswith("thread"):  # no worker_process_init there
         metrics.count_worker(app.amqp.queues.consume_from, pool.limit)
@@ -56,7 +117,7 @@ def _task_started(task_id=None, task=None, **_):
         return
     eta = task.request.eta
     due = max(sent, datetime.fromisoformat(eta).timestamp()) if isinstance(eta, str) else sent
-    queue = (task.request.delivery_info or {}).get("routing_key") or "unknown"
+    queue = _DELAY_PREFIX.sub("", (task.request.delivery_info or {}).get("routing_key") or "unknown")
     metrics.QUEUE_WAIT.labels(queue=queue).observe(max(0.0, time.time() - due))
 
 

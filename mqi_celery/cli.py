@@ -1,11 +1,11 @@
-"""``mqi``: run the embedded pipeline, look at cases, retry or cancel them, check config."""
+"""``mqi``: run the embedded pipeline, look at cases, retry or cancel them, check config.
+The operator's commands (up, beat, flower, metrics, exporter, deploy, db) are in
+``cli_services``; what both share is in ``cli_common``."""
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timedelta
@@ -13,60 +13,61 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.live import Live
 
 from . import runtime
+from .case_view import case_dict, cases_table, inbox_table, overview
+from .cli_common import (JsonOpt, _fail, _interrupt, _settings, _stop, _store, app, cases_app, config_app, console,
+                         outside_fault)
 from .config import masked
 from .errors import ConfigError, MQIError
-from .case_view import case_dict, cases_table, inbox_table, overview
 from .models import Case
-
-app = typer.Typer(help="mqi-celery: proton delivery logs recomputed by MOQUI, unattended.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-cases_app = typer.Typer(help="Look at cases, retry or cancel them.", no_args_is_help=True)
-config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
-deploy_app = typer.Typer(help="Write deployment files for this host.", no_args_is_help=True)
-db_app = typer.Typer(help="The state database: schema upgrades and backups.", no_args_is_help=True)
-app.add_typer(cases_app, name="cases")
-app.add_typer(config_app, name="config")
-app.add_typer(deploy_app, name="deploy")
-app.add_typer(db_app, name="db")
-console = Console()
-JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+from .terminal import data, literal
 
 
-@app.callback()
-def _global(config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="MQI_CONFIG",
-                                                  help="YAML configuration file (default: built-in embedded setup).")):
-    if config is not None:
-        os.environ["MQI_CONFIG"] = str(config.resolve())  # children (workers) read the same file
-    runtime.reset(keep_settings=False)
-
-
-def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _settings():
-    try:
-        return runtime.settings()
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-
-
-def _store():
-    _settings()
-    return runtime.store()
+def _no_database(settings) -> str | None:
+    """Why a read-only command must not go on: its SQLite file does not exist (run from
+    another folder, relative paths name another, new database: it would answer "no case")."""
+    url = settings.database.url
+    if not url.startswith("sqlite") or ":///" not in url or url.endswith(":memory:"):
+        return None
+    path = Path(url.split(":///", 1)[1].split("?", 1)[0])
+    if path.exists():
+        return None
+    return (f"no database at {path.resolve()} (database.url of {settings.source}, relative to {Path.cwd()}): "
+            "nothing has run with this configuration here. Run this from the folder `mqi run` runs in, or set "
+            "MQI_CONFIG to the configuration of the installation")
 
 
 def _reads():
     """Reads for a listing: straight from the database where it can, without importing
-    SQLAlchemy (see ``reads``); else through the Store."""
+    SQLAlchemy (see ``reads``); else through the Store. Never creates a database."""
     from .reads import direct_reads
 
-    return direct_reads(_settings().database.url) or _store()
+    if missing := _no_database(_settings()):
+        _fail(missing)
+    try:
+        return direct_reads(_settings().database.url) or _store_as_it_is()
+    except MQIError as exc:
+        _fail(str(exc))
+
+
+def _store_as_it_is():
+    """The Store without migrating: a read never takes the migration lock (an upgrade in
+    progress would make it wait) nor changes the schema."""
+    from . import db
+    from .store import Store
+
+    store = Store.from_url(_settings().database.url, migrate=False)
+    try:
+        revision = db.current_revision(store.engine)
+    except Exception as exc:  # noqa: BLE001 - no schema yet; anything else is raised (main says it)
+        if "alembic_version" not in str(exc):
+            raise
+        revision = None
+    if note := db.schema_note(revision):
+        _fail(note)
+    return store
 
 
 def _case_or_exit(case_id: str, reads=None) -> Case:
@@ -80,7 +81,14 @@ def _case_or_exit(case_id: str, reads=None) -> Case:
 def inbox(as_json: bool = JsonOpt):
     """What the inbox holds that is not (yet) a case, and why: links, loose files, empty
     folders, names that are not UTF-8, cases nested too deep. Updated by every scan."""
-    problems = _store().inbox_problem_rows()
+    from .naming import inbox_fault
+
+    if missing := _no_database(_settings()):
+        _fail(missing)
+    if fault := inbox_fault(Path(os.path.realpath(_settings().paths.inbox))):
+        _fail(fault)
+    store = _reads()  # read-only: no migration lock, no SQLAlchemy
+    problems = store.inbox_problem_rows()
     if as_json:
         print(json.dumps(problems, indent=2))
     elif problems:
@@ -96,15 +104,17 @@ def status(as_json: bool = JsonOpt,
     """The host as the System Curator last read it: whether it takes work (and why not),
     GPUs (free, ours, someone else's), disk, Slurm nodes; cases, jobs, queue depths and
     the cases that wait, with the reason."""
-    from .curator import system_status
-    from .status_view import queue_depths, status_view
+    from .status_view import queue_depths, status_view, system_status
 
-    store = _store()
     try:
-        reading, _ = store.reading(runtime.host().name)
-        s = system_status(refresh=refresh or reading is None)
+        s = system_status(_reads(), refresh=refresh)  # never a reading unasked: the host may hang
     except MQIError as exc:
         _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the database is down: say so at once
+        if "OperationalError" not in type(exc).__name__:
+            raise
+        _fail(f"the database ({_settings().database.url.split('@')[-1]}) cannot be reached: "
+              f"{str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}")
     s["queues"] = queue_depths()
     if as_json:
         print(json.dumps(s, indent=2))
@@ -147,14 +157,18 @@ def cases_show(case_id: str, as_json: bool = JsonOpt):
         print(json.dumps(d, indent=2))
         return
     console.print(cases_table([case]))
-    console.print(f"path: {case.path}", highlight=False)
+    console.print("path: ", data(case.path), highlight=False, sep="")
+    console.print(f"correlation id: {case.trace_id} (every log line about this case carries it)", highlight=False,
+                  markup=False)
     if case.wait_reason:
-        console.print(f"[yellow]waiting: {case.wait_reason}[/yellow]", highlight=False)
+        console.print(data(f"waiting: {case.wait_reason}", style="yellow"), highlight=False)
     for j in d["jobs"]:
         step = f" ({j['step']})" if j["step"] == "waiting" else ""
-        console.print(f"beam {j['beam']} ({j['beam_name']}): {j['status']}{step} {j['error'] or ''}", highlight=False)
+        console.print(data(f"beam {j['beam']} ({j['beam_name']}): {j['status']}{step} {j['error'] or ''}"),
+                      highlight=False)
     for e in d["events"]:
-        console.print(f"{e['timestamp']} {e['command']} {json.dumps(e['payload'])}", highlight=False)
+        console.print(data(f"{e['timestamp']} {e['command']} {json.dumps(e['payload'], ensure_ascii=False)}"),
+                      highlight=False)
 
 
 @cases_app.command("retry")
@@ -168,7 +182,7 @@ def cases_retry(case_id: str, as_json: bool = JsonOpt):
     except MQIError as exc:
         _fail(str(exc))
     print(json.dumps(case_dict(case), indent=2)) if as_json else console.print(
-        f"case {case_id} queued again ({case.status.value})")
+        data(f"case {case_id} queued again ({case.status.value})"))
 
 
 @cases_app.command("cancel")
@@ -182,23 +196,42 @@ def cases_cancel(case_id: str, as_json: bool = JsonOpt):
     if as_json:
         print(json.dumps(case_dict(case), indent=2))
     elif changed:
-        console.print(f"case {case_id} cancelled")
+        console.print(data(f"case {case_id} cancelled"))
     else:
-        console.print(f"case {case_id} was already {case.status.value}; nothing to cancel")
+        console.print(data(f"case {case_id} was already {case.status.value}; nothing to cancel"))
 
 
 @config_app.command("check")
-def config_check(as_json: bool = JsonOpt):
-    """Validate the configuration and print the effective settings (secrets masked)."""
-    settings = _settings()
-    dump = masked(settings.model_dump(mode="json"))
-    if as_json:
-        print(json.dumps(dump, indent=2))
-        return
-    import yaml
+def config_check(offline: bool = typer.Option(False, "--offline", help="Check the file and folders only; "
+                                                                       "connect to nothing."),
+                 show: bool = typer.Option(False, "--show", help="Also print the effective settings "
+                                                                 "(secrets masked)."),
+                 as_json: bool = JsonOpt):
+    """Whether it is safe to start: the configuration, its folders and files, and (unless
+    --offline) the broker, database, SSH login, remote root and scheduler it names.
+    Exit code 0: safe to start; 1: something failed (each line says how to fix it)."""
+    from . import preflight
 
-    console.print(f"# configuration OK ({settings.source})", highlight=False)
-    console.print(yaml.safe_dump(dump, sort_keys=False), highlight=False, markup=False)
+    settings = _settings()
+    checks = preflight.run(settings, offline=offline)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        print(json.dumps({"ok": ok, "offline": offline, "checks": preflight.as_json(checks),
+                          "settings": masked(settings.model_dump(mode="json"))}, indent=2))
+    else:
+        for c in checks:
+            mark = "[green]ok  [/green]" if c.ok else "[red]FAIL[/red]"
+            console.print(f"{mark} {c.what:<13} ", data(c.detail, lines=True), highlight=False, sep="")
+        verdict = "configuration OK, safe to start" if ok else "not safe to start: fix the lines marked FAIL"
+        console.print(f"# {verdict} ({settings.source})" + ("; offline: nothing was connected to" if offline else ""),
+                      highlight=False)
+        if show:
+            import yaml
+
+            console.print(yaml.safe_dump(masked(settings.model_dump(mode="json")), sort_keys=False),
+                          highlight=False, markup=False)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command("scan")
@@ -206,16 +239,25 @@ def scan():
     """Scan the inbox once now (normally celery beat does it every few seconds)."""
     from .scanner import scan_once
 
+    from .scanner import InboxError, ScanBusy
+
     store = _store()
-    for case_id in scan_once():
-        console.print(f"registered {case_id}")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            registered = scan_once()
+            break
+        except InboxError as exc:
+            _fail(str(exc))
+        except ScanBusy as exc:  # beat's scan is running: ours follows it
+            if time.monotonic() > deadline:
+                _fail(str(exc))
+            time.sleep(0.2)
+    for case_id in registered:
+        console.print(data(f"registered {case_id}"))
     problems = store.inbox_problem_rows()
     if problems:
         console.print(inbox_table(problems))
-
-
-def _interrupt(*_):
-    raise KeyboardInterrupt
 
 
 @app.command("run")
@@ -244,6 +286,7 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
                Supervised(control_worker_command(settings), settings.paths.logs / "control.log", env)]
     # SIGTERM (systemd, `kill`) stops as cleanly as Ctrl-C: the workers must not outlive us.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         for worker in workers:  # inside the try: a SIGTERM between two starts stops the first cleanly
             worker.start()
@@ -256,9 +299,9 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
                       f"  Worker logs: {settings.paths.logs}/worker.log, control.log   Ctrl-C stops.", highlight=False)
         if live and console.is_terminal:
             with Live(overview(store), console=console, refresh_per_second=2) as view:
-                while True:
-                    for note in filter(None, (w.check() for w in workers)):
-                        console.print(f"[yellow]{note}[/yellow]")
+                while not _stop.is_set():
+                    for note in _supervise(workers):
+                        console.print(data(note, style="yellow"))
                     view.update(overview(store))
                     time.sleep(1)
         else:
@@ -266,24 +309,23 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
 
             seen: dict = {}
             since = datetime(1970, 1, 1)
-            while True:
-                for note in filter(None, (w.check() for w in workers)):
-                    print(note, flush=True)
+            while not _stop.is_set():
+                for note in _supervise(workers):
+                    print(literal(note), flush=True)
                 now = utcnow()
                 changed, since = store.changed_cases(since), now - timedelta(seconds=5)  # overlap: commits in flight
                 for c in changed:
                     state = (c.status.value, c.step, tuple(j.status.value for j in c.jobs))
                     if seen.get(c.case_id) != state:
                         seen[c.case_id] = state
-                        print(f"{c.case_id}: {c.status.value} ({c.step}) "
-                              f"{' '.join(f'beam {j.beam} {j.status.value}' for j in c.jobs)}"
-                              f"{' - ' + c.error if c.error else ''}", flush=True)
+                        print(literal(f"{c.case_id}: {c.status.value} ({c.step}) "
+                                      f"{' '.join(f'beam {j.beam} {j.status.value}' for j in c.jobs)}"
+                                      f"{' - ' + c.error if c.error else ''}"), flush=True)
                 for p in store.inbox_problem_rows():
                     if seen.get(("inbox", p["entry"])) != p["reason"]:
                         seen[("inbox", p["entry"])] = p["reason"]
-                        print(f"inbox entry {p['entry']} is not a case: {p['reason']}", flush=True)
+                        print(literal(f"inbox entry {p['entry']} is not a case: {p['reason']}"), flush=True)
                 time.sleep(1)
-    except KeyboardInterrupt:
         console.print("stopping (letting running tasks finish)…")
     finally:
         for worker in workers:
@@ -291,140 +333,48 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
     console.print("stopped.")
 
 
-def _only(only: Optional[str]) -> set[str] | None:
-    return {name.strip() for name in only.split(",") if name.strip()} if only else None
+def _supervise(workers) -> list[str]:
+    """Restart what exited. The work worker (the first) held every leased task, and the
+    folder broker loses the messages a process held: its cases are sent on again at once."""
+    from .reconciler import on_startup
 
-
-@app.command("up")
-def up(dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands, start nothing."),
-       only: Optional[str] = typer.Option(None, help="Only these processes (comma-separated names), e.g. "
-                                                     "core,metrics in a container.")):
-    """Production: run this host's processes (`processes` in the configuration), restart
-    what exits, replace a worker that stops answering pings; SIGTERM stops all warmly."""
-    from .process_manager import topology, up as run_up
-
-    settings = _settings()
-    programs = topology(settings, _only(only))
-    if dry_run:
-        print(f"# mqi up on this host ({settings.source}); environment: MQI_CONFIG, "
-              f"PROMETHEUS_MULTIPROC_DIR={settings.metrics.multiproc_dir}")
-        for prog in programs:
-            print(f"{prog.name}: {shlex.join(prog.command)}")
-        return
-    runtime.store()  # creates/migrates the database once, before the processes race to
-    for folder in (settings.paths.logs, settings.paths.work):
-        folder.mkdir(parents=True, exist_ok=True)
-    run_up(settings, programs, say=lambda line: print(line, flush=True))
-
-
-@app.command("beat")
-def beat():
-    """celery beat, exactly once per installation: it first takes the database's beat lock
-    (a second `mqi beat` waits, ready to take over)."""
-    settings = _settings()
-    from .db import beat_lock
-
-    settings.paths.work.mkdir(parents=True, exist_ok=True)
-    with beat_lock(runtime.store().engine, on_wait=lambda: print("another beat holds the lock; waiting", flush=True)):
-        from .celery_app import app as celery
-
-        celery.Beat(loglevel=settings.worker.log_level,
-                    schedule=str(settings.paths.work / "celerybeat-schedule")).run()
-
-
-@app.command("flower")
-def flower():
-    """Flower, the Celery web UI, with the configured basic authentication (it refuses to
-    start without unless flower.trusted_network is true). Needs `pip install mqi-celery[flower]`."""
-    from .process_manager import flower_command, flower_env
-
-    settings = _settings()
-    extra = flower_env(settings)
-    import importlib.util
-
-    if importlib.util.find_spec("flower") is None:
-        _fail("Flower is not installed: pip install 'mqi-celery[flower]'")
-    command = flower_command(settings)
-    os.execve(command[0], command, {**os.environ, **extra})
-
-
-@app.command("metrics")
-def metrics():
-    """This host's Prometheus endpoint (metrics.port): every local process's samples plus
-    the database's gauges. `mqi up` runs it; this is for systemd or a container."""
-    settings = _settings()
-    if settings.metrics.port is None:
-        _fail("metrics.port is not set: choose the port of this host's endpoint (e.g. 9808)", 2)
-    from . import metrics_endpoint
-
-    metrics_endpoint.serve(settings.metrics.port, settings.metrics.address)
-    print(f"metrics on http://{settings.metrics.address}:{settings.metrics.port}/metrics", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while True:
-            signal.pause()
-    except KeyboardInterrupt:
-        pass
-
-
-@deploy_app.command("systemd")
-def deploy_systemd(output: Path = typer.Option(Path("systemd"), help="Folder to write the unit files into."),
-                   user: str = typer.Option("mqi", help="The account the services run as.")):
-    """Write systemd units equivalent to `mqi up` (one per process, plus mqi.target)."""
-    from .process_manager import systemd_units, topology
-
-    settings = _settings()
-    config = Path(os.environ["MQI_CONFIG"]) if os.environ.get("MQI_CONFIG") else None
-    if config is None:
-        _fail("name the configuration the services will read: mqi --config /etc/mqi/mqi.yaml deploy systemd", 2)
-    output.mkdir(parents=True, exist_ok=True)
-    for name, text in systemd_units(settings, topology(settings), config=config, user=user).items():
-        (output / name).write_text(text)
-        console.print(f"wrote {output / name}", highlight=False)
-    console.print(f"install: cp {output}/*.service {output}/mqi.target /etc/systemd/system/ && "
-                  "systemctl daemon-reload && systemctl enable --now mqi.target", highlight=False)
-
-
-@db_app.command("upgrade")
-def db_upgrade():
-    """Bring the database schema to this version's (Alembic; every process also does this
-    at start). Run it once after installing a new version, before starting the processes."""
-    from . import db
-
-    engine = db.make_engine(_settings().database.url)
-    db.migrate(engine)
-    console.print(f"database schema at revision {db.current_revision(engine)}", highlight=False)
-
-
-@db_app.command("backup")
-def db_backup(target: Path = typer.Argument(..., help="File to write (SQLite: a copy; PostgreSQL: pg_dump custom format).")):
-    """A consistent copy of the state database, taken while the pipeline runs."""
-    from . import db
-
-    url = _settings().database.url
-    try:
-        db.backup(url, target)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        _fail(f"backup to {target} failed: {exc}")
-    console.print(f"wrote {target} ({target.stat().st_size} bytes)", highlight=False)
+    notes = []
+    for number, worker in enumerate(workers):
+        note = worker.check()
+        if note:
+            notes.append(note)
+            if number == 0:
+                on_startup()
+                _send_reconcile()
+    return notes
 
 
 def _send_reconcile() -> None:
+    """A reconcile run that dispatches every leased case again at once: nothing that held
+    one is alive (the installation, or its one work worker, has just started)."""
     from .celery_app import app as celery
 
     try:
-        celery.send_task("mqi.reconcile")
+        celery.send_task("mqi.reconcile", kwargs={"startup": True})
     except Exception as exc:  # noqa: BLE001 - beat sends it on schedule anyway
-        console.print(f"[yellow]could not start a reconcile run now ({exc}); beat will[/yellow]")
+        console.print(data(f"could not start a reconcile run now ({exc}); beat will", style="yellow"))
 
 
 def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print("[red]error:[/red] ", data(exc, lines=True), highlight=False, sep="")
         sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - a fault outside the program: one line with the fix, no traceback
+        message = outside_fault(exc)
+        if message is None:
+            raise
+        console.print("[red]error:[/red] ", data(message, lines=True), highlight=False, sep="")
+        sys.exit(1)
 
+
+from . import cli_services  # noqa: E402,F401  (the operator's commands, listed after these)
 
 if __name__ == "__main__":
     main()

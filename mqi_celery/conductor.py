@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from .celery_app import app
 from .errors import MQIError, ValidationError, case_removed, describe
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
-from .models import TERMINAL_CASE, Case, CaseStatus, JobStatus
+from .models import SETTLING, TERMINAL_CASE, Case, CaseStatus, JobStatus
 from .naming import remote_job_dir, shown
 from .remote_executor import submit_beam
 from .store import NewJob
@@ -57,7 +58,7 @@ def workflow(case: Case):
             "collect": collect}[case.stage]
 
 
-def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False) -> bool:
+def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False, resume: bool = False) -> bool:
     """Send the case's next canvas under a new lease. False when there is nothing to send
     (the case is over, the poller has it, or its host is down: then it waits, parked)."""
     settings, store = runtime.settings(), runtime.store()
@@ -67,7 +68,8 @@ def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False)
         if state != "closed":
             store.park(case_id, None, str(HostUnavailable(breaker.host, since, error)))
             return False
-    if store.start_dispatch(case_id, settings.reconciler.lease_seconds, stage=stage, reconcile=reconcile) is None:
+    if store.start_dispatch(case_id, settings.reconciler.lease_seconds, stage=stage, reconcile=reconcile,
+                            resume=resume) is None:
         return False
     case = store.get_case(case_id)  # with its jobs
     canvas = workflow(case)
@@ -76,8 +78,12 @@ def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False)
         return False
     try:
         canvas.apply_async()
-    except Exception as exc:  # noqa: BLE001 - the broker is down: the lease runs out, the reconciler resends
-        log.error("could not send case %s to the broker (%s); the reconciler will resend it", case_id, exc)
+    except Exception as exc:  # noqa: BLE001 - the broker is down: the case waits for the reconciler's next run
+        reason = (f"the broker did not take the case's {case.stage} step ({exc}); it goes on at the reconciler's "
+                  "next run")
+        log.error("case %s: %s", case_id, reason)
+        if store.park(case_id, case.dispatch, reason) is not None:
+            messages.emit("case_waiting", {"reason": reason}, case_id=case_id)
         return False
     log.info("case %s dispatched: stage %s, dispatch %d", case_id, case.stage, case.dispatch)
     return True
@@ -93,12 +99,19 @@ def admit(case_id: str) -> bool:
         try:
             info = case_reader.read_case(case_dir, settings.scanner.marker)
             _check_gantries(info, settings.engine.gantry_num)
-            files = case_reader.manifest(case_dir, settings.scanner.marker)
+            files = case_reader.manifest(case_dir, settings.scanner.marker, leave_out=info.unused)
         except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the case fails with a reason
             if infrastructure_fault(exc):
                 raise  # the database is down: the lease runs out, the reconciler validates again
             if not isinstance(exc, ValidationError):
                 log.warning("case %s: unexpected fault during validation", case_id, exc_info=True)
+            elif _still_copying(case_dir, settings.scanner.settle_seconds):
+                reason = (f"its files are still changing (a copy in progress?), and half-copied it is not valid yet "
+                          f"({exc}); validated again once nothing in it changed for scanner.settle_seconds "
+                          f"({settings.scanner.settle_seconds:g} s)")
+                store.update_case(case_id, step=SETTLING, wait_reason=reason, lease_until=None)
+                messages.emit("case_waiting", {"reason": reason}, case_id=case_id)
+                return False
             reason = describe(exc, "validation")
             store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason, lease_until=None)
             metrics.case_finished("FAILED", case.created_at, "validation")
@@ -112,8 +125,28 @@ def admit(case_id: str) -> bool:
         # No path: nested layouts put the patient id in it; events carry case ids only.
         messages.emit("new_case_found", {"valid": True, "files": len(files),
                                          "beams": [b.number for b in info.beams]}, case_id=case_id)
+        if twin := store.copy_of(case_id, info.study_uid, files):
+            messages.emit("case_warning", {"copy_of": twin, "reason": (
+                f"the same delivery as case {twin} (the same plan and delivery log files, dropped under another "
+                f"folder name): it is computed again; cancel one (`mqi cases cancel`) if that was not meant")},
+                case_id=case_id)
+        if info.unused:
+            # Counts and folders, no file names: a .mgn name carries the patient id.
+            folders = sorted({rel.rsplit("/", 1)[0] for rel in info.unused})
+            messages.emit("case_warning", {"unused_files": len(info.unused), "folders": folders, "reason": (
+                f"{len(info.unused)} layer file(s) that no PlanRange.txt row names were not uploaded (the engine "
+                f"would not read them), in {', '.join(folders)}")}, case_id=case_id)
         dispatch(case_id)
     return True
+
+
+def _still_copying(case_dir: Path, settle_seconds: float) -> bool:
+    """Something in the case folder changed within ``settle_seconds``: a ready marker put in
+    before the copy ended, or a case copied file by file."""
+    try:
+        return time.time() - case_reader.last_change(case_dir) < settle_seconds
+    except OSError:
+        return False  # removed meanwhile: validation says so
 
 
 @app.task(name="mqi.admit_case", ignore_result=True)
@@ -121,6 +154,18 @@ def admit_case_task(case_id: str) -> bool:
     """``admit`` for a case the scanner registered (a redelivery finds it admitted already)."""
     case = runtime.store().get_case(case_id)
     return case is not None and case.status is CaseStatus.NEW and admit(case_id)
+
+
+def request_admission(case_id: str) -> None:
+    """Send a registered case to the conductor for validation. If the broker does not take
+    the message, the case waits with the reason and the reconciler sends it at its next run."""
+    try:
+        admit_case_task.delay(case_id)
+    except Exception as exc:  # noqa: BLE001 - the broker is down: see docstring
+        reason = f"the broker did not take the case's validation ({exc}); it is sent at the reconciler's next run"
+        log.error("case %s: %s", case_id, reason)
+        if runtime.store().park(case_id, None, reason) is not None:
+            messages.emit("case_waiting", {"reason": reason}, case_id=case_id)
 
 
 def _check_gantries(info: case_reader.CaseInfo, configured: int | None) -> None:
@@ -215,13 +260,27 @@ def finalize_case(self, case_id: str) -> str:
 
 
 def _write_report(case: Case) -> None:
-    """A small JSON summary beside the results, for humans and other tools."""
+    """A small JSON summary beside the results, for humans and other tools. Files of an
+    earlier run that this one did not make are moved aside (``earlier/``): the folder
+    holds exactly what the report lists."""
     folder = runtime.settings().paths.results / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
+    ours = {name for j in case.jobs for name in j.results} | {"report.json"}
+    stale = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and p.parts[len(folder.parts)] != EARLIER and str(p.relative_to(folder)) not in ours)
+    moved_to = folder / EARLIER / db.utcnow().strftime("%Y%m%dT%H%M%S%fZ")  # each run's its own: none overwritten
+    for name in stale:
+        target = moved_to / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).replace(target)
     report = {"case_id": case.case_id, "study_uid": case.study_uid,
               "jobs": [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "error": j.error,
-                        "results": j.results} for j in case.jobs]}
+                        "results": j.results} for j in case.jobs],
+              **({"moved_aside": {"folder": str(moved_to.relative_to(folder)), "files": stale}} if stale else {})}
     (folder / "report.json").write_text(json.dumps(report, indent=2))
+
+
+EARLIER = "earlier"  # results/<case>/earlier/: files of earlier runs, moved out of the way
 
 
 @app.task(name="mqi.stop_case", base=PipelineTask)

@@ -44,6 +44,11 @@ class Broker(Section):
     # Publish events to a topic exchange: "auto" = when the broker is AMQP.
     publish_events: Literal["auto", "always", "never"] = "auto"
 
+    @property
+    def amqp(self) -> bool:
+        """RabbitMQ: quorum queues, broker-side delayed retries, the events exchange."""
+        return self.url.startswith(("amqp", "pyamqp"))
+
 
 class Scanner(Section):
     interval_seconds: float = Field(2.0, gt=0)
@@ -261,6 +266,15 @@ class Logging(Section):
     file: Path | None = Path("var/log/mqi.jsonl")
 
 
+class CeleryExporter(Section):
+    """celery-exporter (prometheus-exporter-celery): Celery's own samples (queue lengths, task
+    events, workers sending heartbeats). It pins old libraries, so it runs from an environment
+    of its own: ``python`` is that environment's interpreter (see docs/operations.md)."""
+    python: Path = Path("/opt/celery-exporter/bin/python")
+    port: int = Field(9809, ge=1, le=65535)  # beside this host's endpoint (metrics.port, e.g. 9808)
+    address: str = "0.0.0.0"
+
+
 class Metrics(Section):
     """This host's Prometheus endpoint. Every process of the host writes its samples into
     ``multiproc_dir`` (prometheus-client multiprocess mode, prefork children included); one
@@ -268,6 +282,7 @@ class Metrics(Section):
     port: int | None = Field(None, ge=1, le=65535)  # None: no endpoint
     address: str = "0.0.0.0"
     multiproc_dir: Path | None = None  # default: <paths.work>/metrics
+    celery_exporter: CeleryExporter = CeleryExporter()  # run by `mqi up` where processes.exporter is true
 
 
 class Flower(Section):
@@ -309,6 +324,7 @@ class Processes(Section):
     beat: bool = True  # exactly one host of an installation runs beat (a database lock makes sure)
     flower: bool = False
     metrics: bool = True  # the endpoint, when metrics.port is set
+    exporter: bool = False  # celery-exporter (metrics.celery_exporter): on one host of an installation
     ping_interval_seconds: float = Field(10.0, gt=0)
     # A worker that answers no ping for this long (alive but stuck) is replaced.
     ping_deadline_seconds: float = Field(60.0, gt=0)

@@ -285,6 +285,22 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+def schema_behind(revision: str | None) -> bool:
+    """An older schema (or none yet): the workers bring it up to date at start."""
+    return revision is None or revision < SCHEMA_REVISION
+
+
+def schema_note(revision: str | None) -> str | None:
+    """What a schema not at this version's revision means and how to fix it (None: it is)."""
+    if revision == SCHEMA_REVISION:
+        return None
+    if schema_behind(revision):
+        return (f"the database's schema is at revision {revision or 'none'}, this version's is {SCHEMA_REVISION}: "
+                "the workers bring it up to date at start, or run `mqi db upgrade`")
+    return (f"the database's schema is at revision {revision}, newer than this version's ({SCHEMA_REVISION}): "
+            "a newer mqi-celery wrote it; install that version here")
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -307,5 +323,7 @@ def backup(url: str, target: Path) -> None:
             copy.close()
             source.close()
         return
-    libpq = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    subprocess.run(["pg_dump", "--format=custom", f"--file={target}", libpq], check=True, capture_output=True)
+    # The password through the environment: never on a command line (ps) or in an error.
+    libpq = parsed.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    env = {**os.environ, **({"PGPASSWORD": parsed.password} if parsed.password else {})}
+    subprocess.run(["pg_dump", "--format=custom", f"--file={target}", libpq], check=True, capture_output=True, env=env)

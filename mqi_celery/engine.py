@@ -18,16 +18,20 @@ SUCCESS_MARKER = "Total execution time"
 OUTPUT_SUFFIX = {"dcm": ".dcm", "raw": ".raw", "mhd": ".mhd", "mha": ".mha", "npz": ".npz"}
 
 
+MAX_GANTRY_DIGITS = 2  # a facility has a few gantry rooms: "G12345678901234567890" names none
+
+
 def gantry_number(machine_name: str, configured: int | None) -> int:
     """GantryNum from config, else from the beam's machine name ("G2" -> 2, "G2_ROOM" -> 2);
     ValueError when the name does not tell."""
     if configured is not None:
         return configured
     name = machine_name or ""
-    trailing = re.search(r"(\d+)$", name)
-    numbers = re.findall(r"\d+", name)
-    if trailing or len(numbers) == 1:
-        return int(trailing.group(1) if trailing else numbers[0])
+    trailing = re.search(r"(\d+)$", name, re.ASCII)
+    numbers = re.findall(r"\d+", name, re.ASCII)
+    found = trailing.group(1) if trailing else numbers[0] if len(numbers) == 1 else None
+    if found is not None and len(found) <= MAX_GANTRY_DIGITS:
+        return int(found)
     raise ValueError(f"the treatment machine name {name!r} does not say which gantry room it is; set "
                      "engine.gantry_num in the configuration")
 

@@ -7,6 +7,7 @@ case with this reason". ``is_transient`` extends the rule to the library errors 
 """
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -39,6 +40,30 @@ class ResourceError(MQIError):
 class Held(MQIError):
     """The host cannot take the case now (no room, partition drained): the case waits with
     this reason and goes on by itself once the host can (see admission)."""
+
+
+class NoSpace(MQIError):
+    """A disk ran full during a transfer: ``where`` is "remote" (the host's) or "local" (the
+    results folder here). File Transfer turns it into a wait (``Held``), never a failure."""
+
+    transient_default = True
+
+    def __init__(self, message: str, *, where: str):
+        super().__init__(message)
+        self.where = where
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def error_line(text: str, fallback: str = "no error output") -> str:
+    """The line of a tool's error output worth quoting (the one that names the problem,
+    else the last), never the whole output: "tar: x.ptn: Cannot write: No space left on device"."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if any(word in line for word in NO_SPACE_WORDS)]
+    line = (named or lines or [fallback])[0 if named else -1]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 class TransferError(MQIError):

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from . import admission, case_reader, faults, messages, metrics, runtime
 from .celery_app import app
-from .errors import Held, MQIError, TransferError, ValidationError
+from .errors import Held, MQIError, NoSpace, TransferError, ValidationError
 from .hosts import Host, case_file_sha256, file_sha256
 from .models import CaseStatus, JobStatus
 from .naming import remote_input_dir, remote_output_dir
@@ -33,10 +33,11 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
         host.remove_tree(staging)
         host.rename(remote_dir, staging)
     todo = _mismatches(host, staging, manifest) if host.exists(staging) else files
+    faults.point("upload_start")  # fault tests: the disk fills before the files go up
     try:
         sent = host.put_tree(local_dir, staging, todo)
-    except ValidationError:
-        host.remove_tree(staging)  # a file changed under us: nothing of it stays on the cluster
+    except (ValidationError, NoSpace):
+        host.remove_tree(staging)  # a file changed under us, or no room: nothing of it stays on the cluster
         raise
     faults.point("upload_sent")  # crash tests: the files are there, not yet verified
     bad = _mismatches(host, staging, manifest)
@@ -77,14 +78,17 @@ def download_verified(host: Host, remote_dir: PurePosixPath, local_dir: Path) ->
             got[final.name] = expected
             continue
         part = final.with_name(f".{final.name}.part")
-        host.get(remote_dir / name, part)
-        faults.point("download_part")  # crash tests: a partial download on disk
-        actual = file_sha256(part)
-        if actual != expected:
-            part.unlink(missing_ok=True)
-            raise TransferError(f"{name}: downloaded SHA-256 {actual[:12]}… differs from the host's "
-                                f"{str(expected)[:12]}…")
-        os.replace(part, final)
+        faults.point("download_start")  # fault tests: the results disk fills before the file comes down
+        try:
+            host.get(remote_dir / name, part)
+            faults.point("download_part")  # crash tests: a partial download on disk
+            actual = file_sha256(part)
+            if actual != expected:
+                raise TransferError(f"{name}: downloaded SHA-256 {actual[:12]}… differs from the host's "
+                                    f"{str(expected)[:12]}…")
+            os.replace(part, final)
+        finally:
+            part.unlink(missing_ok=True)  # no half file stays, whatever stopped it
         got[final.name] = actual
     return got
 
@@ -114,7 +118,10 @@ def in_line(case_id: str):
         raise
     finally:
         if held and runtime.settings().transport.max_transfers is not None and runtime.store().parked_cases():
-            app.send_task("mqi.resume_parked")  # the reconciler's rule for waiting cases, on its queue
+            try:
+                app.send_task("mqi.resume_parked")  # the reconciler's rule for waiting cases, on its queue
+            except Exception as exc:  # noqa: BLE001 - the reconciler's next run resumes them
+                log.warning("could not ask for the waiting cases to resume: %s", exc)
 
 
 def _upload(self, case_id: str) -> str:
@@ -139,6 +146,9 @@ def _upload(self, case_id: str) -> str:
             raise ValidationError(f"{gone} disappeared from the case folder during upload (was it being removed, "
                                   "or still being copied?); put it back, then retry the case") from None
         raise
+    except NoSpace as exc:  # its partial copy is gone: all of it must be sent again
+        messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
+        raise Held(admission.after_full_disk(case, exc)) from exc  # a wait, announced by in_line
     except MQIError as exc:
         messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
         raise
@@ -171,6 +181,8 @@ def _download(case_id: str) -> str:
         started = time.monotonic()
         try:
             files = download_verified(host, remote_output_dir(host.root, case_id, job.beam), local_dir)
+        except NoSpace as exc:
+            raise Held(admission.after_full_disk(case, exc)) from exc  # a wait, announced by in_line
         except MQIError as exc:
             messages.emit("download_failed", {"beam": job.beam, "reason": str(exc)}, case_id=case_id)
             raise

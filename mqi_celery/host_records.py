@@ -4,7 +4,7 @@ Curator's latest reading, and the claims beam jobs hold on a host's GPUs and job
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -52,12 +52,6 @@ class HostRecords:
             row = self.host_row(s, host)
             row.reading, row.read_at = reading, db.utcnow()
 
-    def reading(self, host: str) -> tuple[dict[str, Any] | None, datetime | None]:
-        """The host's latest reading and when it was taken (None, None before the first)."""
-        with self.session() as s:
-            found = s.execute(select(db.HostRow.reading, db.HostRow.read_at).where(db.HostRow.name == host)).first()
-        return (found[0], found[1]) if found else (None, None)
-
     def hosts(self) -> list[dict[str, Any]]:
         """Every known host: breaker, poll health and latest reading."""
         with self.session() as s:
@@ -82,13 +76,6 @@ class HostRecords:
                 if s.execute(stmt).rowcount == 1:
                     return resource
         return None
-
-    def claims(self, host: str) -> dict[str, tuple[str, int]]:
-        """resource -> (case_id, beam) held on the host."""
-        with self.session() as s:
-            rows = s.execute(select(db.ClaimRow.resource, db.ClaimRow.case_id, db.ClaimRow.beam)
-                             .where(db.ClaimRow.host == host)).all()
-        return {r: (c, b) for r, c, b in rows}
 
     def release_claims(self, case_id: str, beam: int, *, keep: str | None = None, s: Session | None = None) -> None:
         where = [db.ClaimRow.case_id == case_id, db.ClaimRow.beam == beam]

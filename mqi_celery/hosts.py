@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from .errors import ExecutionError, TransferError, ValidationError, case_removed
+from .errors import NO_SPACE_ERRNOS, ExecutionError, NoSpace, TransferError, ValidationError, case_removed
 from .naming import safe_relpath
 
 
@@ -90,6 +91,10 @@ def open_case_file(folder: Path, rel: str):
     return os.fdopen(file_fd, "rb")
 
 
+def local_disk_full(path: Path, exc: OSError) -> NoSpace:
+    return NoSpace(f"the disk of {Path(path).parent} ran full ({exc.strerror})", where="local")
+
+
 def case_file_sha256(folder: Path, rel: str) -> str:
     with open_case_file(folder, rel) as f:
         return _sha256(f)
@@ -99,7 +104,7 @@ class LocalHost:
     """The cluster side is a folder on this machine (the embedded default, and tests)."""
 
     def __init__(self, root: Path):
-        self.name = "localhost"
+        self.name = "localhost"  # runtime.host_name() says the same without building one
         self.root = PurePosixPath(root)
         Path(root).mkdir(parents=True, exist_ok=True)
         # Commands find this installation's tools (mqi-demo-engine) even outside an
@@ -113,12 +118,16 @@ class LocalHost:
         return path
 
     def run(self, command: str, *, timeout: float = 60) -> CommandResult:
-        try:
-            p = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, env=self._env)
-        except subprocess.TimeoutExpired:
-            raise ExecutionError(f"command on {self.name} timed out after {timeout} s", transient=True) from None
-        return CommandResult(p.returncode, p.stdout, p.stderr)
+        # Its own process group: a command that times out goes with everything it started.
+        with subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL, env=self._env, start_new_session=True) as p:
+            try:
+                out, err = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                raise ExecutionError(f"command on {self.name} timed out after {timeout:g} s", transient=True) from None
+        return CommandResult(p.returncode, out, err)
 
     def exists(self, remote_path: PurePosixPath) -> bool:
         return self._local(remote_path).exists()
@@ -127,9 +136,14 @@ class LocalHost:
         sent = 0
         for rel in files:
             dst = self._local(remote_dir / safe_relpath(rel))
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with open_case_file(local_dir, rel) as src, open(dst, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with open_case_file(local_dir, rel) as src, open(dst, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except OSError as exc:
+                if exc.errno in NO_SPACE_ERRNOS:
+                    raise NoSpace(f"the disk under {remote_dir} ran full ({exc.strerror})", where="remote") from exc
+                raise
             sent += dst.stat().st_size
         return sent
 
@@ -152,6 +166,11 @@ class LocalHost:
             shutil.copyfile(src, local_path)
         except FileNotFoundError:
             raise TransferError(f"{remote_path} does not exist on {self.name}", transient=False) from None
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                Path(local_path).unlink(missing_ok=True)
+                raise local_disk_full(local_path, exc) from exc
+            raise
         return local_path.stat().st_size
 
     def write_text(self, remote_path: PurePosixPath, text: str) -> None:

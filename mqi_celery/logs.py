@@ -6,6 +6,7 @@ included. Patient names never reach a log: log case ids, beams and file names on
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import contextvars
 import json
@@ -14,8 +15,12 @@ import logging.handlers
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+# case id -> its correlation id; set by ``tasks`` (the database is theirs to read). Used for
+# lines written about a task outside it, e.g. Celery's "Task … received" in the main process.
+case_resolver: Callable[[str], str | None] | None = None
 
 # Attributes every LogRecord has; anything else passed via ``extra=`` is emitted as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -27,13 +32,34 @@ class JsonFormatter(logging.Formatter):
             "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "module": record.name,
-            "correlation_id": getattr(record, "correlation_id", None) or correlation_id.get(),
+            "correlation_id": getattr(record, "correlation_id", None) or correlation_id.get() or _of_task(record),
             "message": record.getMessage(),
         }
         line.update({k: v for k, v in vars(record).items() if k not in _STANDARD and k not in line})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+def _of_task(record: logging.LogRecord) -> str | None:
+    """The correlation id of the case a Celery line's task is about (its ``data``: the
+    task's argument reprs; the case id is the first argument or ``case_id``)."""
+    data = getattr(record, "data", None)
+    if case_resolver is None or not isinstance(data, dict):
+        return None
+    for key in ("kwargs", "args"):
+        try:
+            value = ast.literal_eval(data.get(key) or "None")
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue  # a truncated repr: no id
+        value = value.get("case_id") if isinstance(value, dict) else \
+            value[0] if isinstance(value, (tuple, list)) and value else None
+        if isinstance(value, str):
+            try:
+                return case_resolver(value)
+            except Exception:  # noqa: BLE001 - a log line never fails for its correlation id
+                return None
+    return None
 
 
 def configure(level: str = "INFO", file: Path | None = None, stream=sys.stderr) -> None:

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 COMPONENT = {
     "new_case_found": "scanner",
     "inbox_entry_refused": "scanner",
+    "inbox_unavailable": "scanner",
+    "inbox_available": "scanner",
     "upload_success": "transfer",
     "upload_failed": "transfer",
     "download_success": "transfer",
@@ -26,6 +28,7 @@ COMPONENT = {
     "execution_failed": "executor",
     "results_verified": "conductor",
     "case_completed": "conductor",
+    "case_warning": "conductor",
     "case_failed": "conductor",
     "case_retried": "conductor",
     "case_reconciled": "reconciler",
@@ -35,6 +38,7 @@ COMPONENT = {
     "case_waiting": "curator",
     "execution_waiting": "curator",
     "claim_released": "curator",
+    "gpu_shared": "curator",
 }
 
 
@@ -43,17 +47,26 @@ COMPONENT = {
 SNAPSHOTS = {"system_status_update"}
 
 
-def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None) -> dict[str, Any]:
-    """Record, log and publish one message. Publishing is best effort: the events table
-    is the record, the exchange is a convenience for subscribers."""
-    component = COMPONENT[command]
-    message = {
+def prepare(command: str, payload: dict[str, Any], *, case_id: str | None = None) -> dict[str, Any]:
+    """A message not sent yet: to record with the state change it describes (see
+    ``Store.update_job(event=…)``), then ``emit(…, recorded=message)``."""
+    COMPONENT[command]  # a known command
+    return {
         "command": command,
         "payload": {"case_id": case_id, **payload} if case_id else payload,
         "timestamp": datetime.now(timezone.utc).isoformat(),
         "correlation_id": logs.correlation_id.get(),
     }
-    if command not in SNAPSHOTS:
+
+
+def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None,
+         recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record, log and publish one message (``recorded``: a prepared message already in
+    the events table). Publishing is best effort: the events table is the record, the
+    exchange is a convenience for subscribers."""
+    component = COMPONENT[command]
+    message = recorded or prepare(command, payload, case_id=case_id)
+    if command not in SNAPSHOTS and recorded is None:
         runtime.store().add_event(command, message["payload"], case_id=case_id,
                                   correlation_id=message["correlation_id"])
     log.info("%s %s", command, case_id or "", extra={"event": command, "payload": message["payload"]})
@@ -68,7 +81,7 @@ def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None) -
 def _publishing() -> bool:
     broker = runtime.settings().broker
     if broker.publish_events == "auto":
-        return broker.url.startswith(("amqp", "pyamqp"))
+        return broker.amqp
     return broker.publish_events == "always"
 
 

@@ -72,10 +72,11 @@ def host_families(store, hosts: list[dict]):
     """The System Curator's latest reading of each host: whether it takes work, and its GPUs."""
     from prometheus_client.core import GaugeMetricFamily
 
-    from .admission import foreign_busy, host_hold
+    from .admission import accepting_hold, gpu_state
 
-    accepting = GaugeMetricFamily("mqi_host_accepting_work", "1: the host takes new work (partition up); 0: "
-                                  "new cases and beams wait", labels=["host"])
+    accepting = GaugeMetricFamily("mqi_host_accepting_work", "1: the host takes new work; 0: new cases or beams "
+                                  "wait (unreachable, partition closed, a disk full, GPUs unreadable or taken)",
+                                  labels=["host"])
     age = GaugeMetricFamily("mqi_host_reading_age_seconds", "Age of the System Curator's latest reading",
                             labels=["host"])
     gpu = ["host", "gpu"]
@@ -84,10 +85,11 @@ def host_families(store, hosts: list[dict]):
               "memory_total_mib": GaugeMetricFamily("mqi_gpu_memory_total_mib", "GPU memory in all", labels=gpu),
               "temperature_c": GaugeMetricFamily("mqi_gpu_temperature_celsius", "GPU temperature", labels=gpu)}
     state = GaugeMetricFamily("mqi_gpu_state", "Each GPU now (1: the state it is in): free, ours (a beam holds "
-                              "it) or busy (someone else's work)", labels=["host", "gpu", "state"])
+                              "it), shared (a beam holds it and someone else's work runs beside it) or busy "
+                              "(someone else's work)", labels=["host", "gpu", "state"])
     for h in hosts:
         reading, host = h["reading"], h["host"]
-        accepting.add_metric([host], 0 if host_hold(reading) else 1)
+        accepting.add_metric([host], 0 if accepting_hold(reading, store.breaker_state(host)) else 1)
         age.add_metric([host], (db.utcnow() - h["read_at"]).total_seconds())
         claims = store.claims(host)
         for device in (reading.get("gpus") or {}).get("devices", ()):
@@ -95,8 +97,8 @@ def host_families(store, hosts: list[dict]):
             for key, family in gauges.items():
                 if device.get(key) is not None:
                     family.add_metric([host, index], device[key])
-            now = "ours" if f"gpu:{index}" in claims else "busy" if foreign_busy(device, reading) else "free"
-            for name in ("free", "ours", "busy"):
+            now = gpu_state(device, reading, claims)
+            for name in ("free", "ours", "shared", "busy"):
                 state.add_metric([host, index, name], 1 if name == now else 0)
     yield from (accepting, age, *gauges.values(), state)
 

@@ -48,6 +48,18 @@ TERMINAL_CASE = frozenset({CaseStatus.COMPLETED, CaseStatus.FAILED})
 TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
 
 
+# Steps of a PENDING job the poller starts (not a submit task): one its host cannot take yet
+# (a GPU, a slot, a drained partition), and one whose submit the broker did not take, before
+# or after its scheduler was asked (then a run may exist: it is adopted, never doubled).
+WAITING = "waiting"
+UNSENT = "unsent"
+UNSENT_SUBMITTED = "unsent, submitted"
+POLLER_STARTS = (WAITING, UNSENT, UNSENT_SUBMITTED)
+
+# Step of a NEW case whose validation failed while its files were still changing (a copy in
+# progress): the scanner validates it again once nothing in it changed for settle_seconds.
+SETTLING = "settling"
+
 # The stages of a case's work, in order (see conductor.workflow). "run" belongs to the
 # poller and holds no lease; the others are leased to the dispatch that runs them.
 STAGES = ("upload", "submit", "run", "collect")

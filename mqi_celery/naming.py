@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # POSIX's portable file name characters: what the engine's input file, Slurm and the
@@ -86,3 +86,14 @@ def remote_job_dir(root: PurePosixPath, case_id: str, beam: int) -> PurePosixPat
 
 def remote_output_dir(root: PurePosixPath, case_id: str, beam: int) -> PurePosixPath:
     return remote_job_dir(root, case_id, beam) / "output"
+
+
+def inbox_fault(inbox: Path) -> str | None:
+    """Why the inbox cannot be scanned (None: it can), with the fix."""
+    if not inbox.exists():
+        return f"the inbox {inbox} does not exist: create it (or mount it), or set paths.inbox"
+    if not inbox.is_dir():
+        return f"the inbox {inbox} is not a folder: set paths.inbox to the folder cases are dropped into"
+    if not os.access(inbox, os.R_OK | os.X_OK):
+        return f"the inbox {inbox} cannot be read by this account: give it read access"
+    return None

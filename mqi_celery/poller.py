@@ -18,7 +18,7 @@ from .db import utcnow
 from .errors import ConnectionError_, MQIError
 from .models import JobStatus
 from .naming import remote_job_dir, remote_output_dir
-from .store import WAITING
+from .models import POLLER_STARTS
 from .remote_executor import finish, overdue, start_or_wait, submit
 from .tasks import for_case
 
@@ -56,7 +56,7 @@ def start_waiting() -> int:
     for job in store.waiting_jobs():
         with for_case(job.case_id):
             try:
-                if not start_or_wait(job.case_id, job.beam):
+                if not start_or_wait(job.case_id, job.beam, may_read=False):  # never wait on a hanging host here
                     break
             except MQIError as exc:
                 if exc.transient:  # the host did not answer: the beam waits for the next poll
@@ -66,7 +66,7 @@ def start_waiting() -> int:
                                  error=f"could not be submitted: {exc}", only_from={JobStatus.PENDING})
             started += 1
             case = store.get_case(job.case_id)
-            if case.wait_reason and not any(j.step == WAITING for j in case.jobs):
+            if case.wait_reason and not any(j.step in POLLER_STARTS for j in case.jobs):
                 store.update_case(job.case_id, wait_reason=None)
     return started
 

@@ -21,13 +21,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Settings
 from .errors import ConfigError
-from .tasks import QUEUES
+from .queues import QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ class Program:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def topology(settings: Settings, only: set[str] | None = None) -> list[Program]:
-    """What ``mqi up`` runs here, in start order (``only``: these names)."""
+def topology(settings: Settings, only: set[str] | None = None, *, credentials_now: bool = True) -> list[Program]:
+    """What ``mqi up`` runs here, in start order (``only``: these names). Without
+    ``credentials_now`` (unit files) Flower's credentials may come later, at its start."""
     p, host = settings.processes, socket.gethostname()
     unknown = {q for g in p.workers for q in g.queues} - set(QUEUES)
     if unknown:
@@ -80,14 +82,18 @@ def topology(settings: Settings, only: set[str] | None = None) -> list[Program]:
         programs.append(Program("flower", [*MQI, "flower"]))
     if p.metrics and settings.metrics.port is not None:
         programs.append(Program("metrics", [*MQI, "metrics"]))
+    if p.exporter:
+        programs.append(Program("exporter", [*MQI, "exporter"]))
     if only is not None:
         names = {prog.name for prog in programs}
         if only - names:
             raise ConfigError(f"--only: no process named {', '.join(sorted(only - names))} here "
                               f"(this host runs {', '.join(sorted(names))})")
         programs = [prog for prog in programs if prog.name in only]
-    if any(prog.name == "flower" for prog in programs):
+    if credentials_now and any(prog.name == "flower" for prog in programs):
         flower_env(settings)  # refuses to start without credentials: say so now, not in a log
+    if credentials_now and any(prog.name == "exporter" for prog in programs):
+        exporter_command(settings)  # likewise for an exporter that is not installed
     return programs
 
 
@@ -106,6 +112,22 @@ def flower_env(settings: Settings) -> dict[str, str]:
 def flower_command(settings: Settings) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "mqi_celery", "flower", f"--port={settings.flower.port}",
             f"--address={settings.flower.address}"]
+
+
+def exporter_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """celery-exporter's command line and environment (the broker URL, with its password,
+    goes in the environment: click reads CELERY_EXPORTER_BROKER_URL)."""
+    e = settings.metrics.celery_exporter
+    if not settings.broker.amqp:
+        raise ConfigError("celery-exporter needs RabbitMQ (broker.url amqp://…): the embedded broker sends it "
+                          "no events; set processes.exporter: false")
+    if not e.python.is_file():
+        raise ConfigError(f"metrics.celery_exporter.python: {e.python} does not exist. Install the exporter in "
+                          f"an environment of its own: python3 -m venv {e.python.parent.parent} && "
+                          f"{e.python.parent / 'pip'} install prometheus-exporter-celery==0.11.2")
+    command = [str(e.python), "-c", "from src.cli import cli; cli(auto_envvar_prefix='CELERY_EXPORTER')",
+               "--host", e.address, "--port", str(e.port), "--accept-content", "json"]
+    return command, {"CELERY_EXPORTER_BROKER_URL": settings.broker.url}
 
 
 def _die_with_parent() -> None:
@@ -190,12 +212,15 @@ def stop_all(children: list[Supervised], grace: float) -> None:
         child.wait_stopped(deadline)
 
 
-class Stop(Exception):
-    """SIGTERM or SIGINT reached the supervisor."""
+# Set by SIGTERM/SIGINT. A flag, not an exception raised from the handler: one raised
+# inside a ping would be taken for the broker's fault and the supervisor would run on. The
+# loop only reads it (is_set takes no lock) and sleeps: a handler setting an Event the
+# main thread is waiting on could block on the Event's own lock.
+_stopping = threading.Event()
 
 
 def _stop(*_):
-    raise Stop
+    _stopping.set()
 
 
 def up(settings: Settings, programs: list[Program], say=print) -> None:
@@ -208,14 +233,17 @@ def up(settings: Settings, programs: list[Program], say=print) -> None:
     children = [Supervised(prog.command, settings.paths.logs / f"{prog.name}.log", {**env, **prog.env},
                            name=prog.name, node=prog.node, backoff_max=p.restart_backoff_max_seconds)
                 for prog in programs]
+    _stopping.clear()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     next_ping = 0.0
     try:
         for child in children:
+            if _stopping.is_set():
+                break
             child.start()
             say(f"started {child.name} (pid {child.proc.pid}): {shlex.join(child.command)}")
-        while True:
+        while not _stopping.is_set():
             for note in filter(None, (c.check() for c in children)):
                 say(note)
             if time.monotonic() >= next_ping:
@@ -223,7 +251,6 @@ def up(settings: Settings, programs: list[Program], say=print) -> None:
                 for note in _replace_silent(children, p.ping_deadline_seconds):
                     say(note)
             time.sleep(0.5)
-    except Stop:
         say("stopping: running tasks may finish (warm shutdown)")
     finally:
         stop_all(children, p.stop_grace_seconds)
@@ -269,12 +296,17 @@ User={user}
 WorkingDirectory={workdir}
 Environment=MQI_CONFIG={config}
 Environment=PROMETHEUS_MULTIPROC_DIR={multiproc_dir}
+# Secrets (MQI_DATABASE__URL, MQI_BROKER__URL, MQI_FLOWER__BASIC_AUTH): mode 600, never in a unit.
+EnvironmentFile={env_file}
+ExecStartPre=/bin/mkdir -p {multiproc_dir}
 ExecStart={command}
 # Celery's warm shutdown: running tasks finish, unfinished ones go back to the broker.
 KillSignal=SIGTERM
 TimeoutStopSec={grace}
 Restart=always
 RestartSec=2
+# Exit code 2 is a configuration error: restarting cannot fix it (systemctl status says what).
+RestartPreventExitStatus=2
 
 [Install]
 WantedBy=mqi.target
@@ -291,13 +323,26 @@ WantedBy=multi-user.target
 """
 
 
-def systemd_units(settings: Settings, programs: list[Program], *, config: Path, user: str) -> dict[str, str]:
+ENV_FILE = Path("/etc/mqi/mqi.env")
+
+
+def systemd_units(settings: Settings, programs: list[Program], *, config: Path, user: str,
+                  env_file: Path = ENV_FILE) -> dict[str, str]:
     """Unit files equivalent to ``mqi up`` (systemd restarts what exits; it does not ping
-    workers, so a stuck one is only replaced under ``mqi up``)."""
+    workers, so a stuck one is only replaced under ``mqi up``). Every value is escaped for
+    systemd: ``%h`` in a command is Celery's host name, not systemd's home directory. Each
+    unit reads ``env_file`` if it exists; Flower's needs it (its credentials)."""
     units = {}
     for prog in programs:
         units[f"mqi-{prog.name}.service"] = UNIT.format(
-            name=prog.name, config=config, user=user, workdir=Path.cwd(), multiproc_dir=settings.metrics.multiproc_dir,
-            command=shlex.join(prog.command), grace=int(settings.processes.stop_grace_seconds) + 10)
+            name=prog.name, config=_escaped(str(config)), user=user, workdir=_escaped(str(Path.cwd())),
+            multiproc_dir=_escaped(str(settings.metrics.multiproc_dir)),
+            env_file=("" if prog.name == "flower" else "-") + _escaped(str(env_file)),
+            command=_escaped(shlex.join(prog.command)), grace=int(settings.processes.stop_grace_seconds) + 10)
     units["mqi.target"] = TARGET.format(units=" ".join(sorted(u for u in units)))
     return units
+
+
+def _escaped(value: str) -> str:
+    """A unit-file value that systemd passes on unchanged ("%" starts a specifier)."""
+    return value.replace("%", "%%")

@@ -1,8 +1,10 @@
-"""What the System Curator reads from a host: its GPUs (``nvidia-smi``), free disk under
-the remote root (``df -P``) and, on Slurm hosts, the state of the partition's nodes
-(``sinfo``), all in one shell command per host. Parsing is tolerant: output it cannot
-trust gives an "unknown" part with the reason, never an exception, and never a guess
-(a GPU row it cannot read could be the busy one).
+"""What the System Curator reads from a host: its GPUs (``nvidia-smi``) with the session of
+each GPU process (``ps``: ours are the sessions our jobs lead), free disk under the remote
+root (``df -P``) and, on Slurm hosts, the state of the partition's nodes (``sinfo``), all in
+one shell command per host. Every tool runs under ``timeout`` on the host itself, so a tool
+that hangs is killed there and leaves nothing behind. Parsing is tolerant: output it cannot
+trust gives an "unknown" part with the reason (the tool's own error line), never an
+exception, and never a guess; a GPU that cannot be read leaves the others usable.
 
 A reading is plain JSON (it is stored per host in the database and published as is).
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any
 
 from .hosts import Host
 
@@ -31,56 +32,82 @@ _NO_VALUE = {"", "n/a", "[n/a]", "[not supported]", "[unknown error]", "[insuffi
 USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing", "planned"}
 
 NOT_INSTALLED = 127  # the shell's exit code for a command that is not there
+TIMED_OUT = (124, 137)  # timeout(1)'s exit codes: the tool did not answer and was stopped (TERM, KILL)
 _MARK = "##mqi "
+PS_LIMIT = 3  # seconds for ps, which reads /proc only
+_TOOLS = {"gpus": "nvidia-smi", "apps": "nvidia-smi --query-compute-apps", "disk": "df", "nodes": "sinfo"}
 
 
-def command(root: str, *, gpus: bool = True, disk: bool = True, slurm: bool = False) -> str:
-    """One shell script printing each part after a marker line, and its exit code."""
-    parts = []
-    if gpus:
-        parts += [("gpus", f"nvidia-smi --query-gpu={','.join(GPU_FIELDS)} --format=csv,noheader,nounits"),
-                  ("apps", f"nvidia-smi --query-compute-apps={','.join(APP_FIELDS)} --format=csv,noheader,nounits")]
-    if disk:
-        parts.append(("disk", f"mkdir -p {shlex.quote(root)} && df -P -k {shlex.quote(root)}"))
-    if slurm:
-        parts.append(("nodes", "sinfo -h -N -o '%N|%P|%a|%T|%E'"))
+def command(root: str, *, gpus: bool = True, disk: bool = True, slurm: bool = False, limit: float = 10) -> str:
+    """One shell script printing each part after a marker line, and its exit code; each
+    tool is stopped on the host after ``limit`` seconds (exit 124)."""
+    run = f"timeout -k 2 {limit:g}"
     lines = ["export LC_ALL=C"]
+    if gpus:
+        # The processes' sessions come from the PIDs the compute-apps query printed (its 2nd field).
+        lines += [f"echo '{_MARK}gpus'; ( {run} nvidia-smi --query-gpu={','.join(GPU_FIELDS)} --format=csv,noheader,"
+                  f"nounits ) 2>&1; rc=$?; echo \"{_MARK}exit $rc\"",
+                  "case $rc in 124|127|137) ;; *)",
+                  f"  apps=$( {run} nvidia-smi --query-compute-apps={','.join(APP_FIELDS)} --format=csv,noheader,"
+                  f"nounits 2>&1 ); rc=$?",
+                  f"  echo '{_MARK}apps'; [ -z \"$apps\" ] || printf '%s\\n' \"$apps\"; echo \"{_MARK}exit $rc\"",
+                  "  pids=$(printf '%s\\n' \"$apps\" | awk -F', *' '$2 ~ /^[0-9]+$/ {print $2}' | paste -sd, -)",
+                  f"  echo '{_MARK}sessions'; [ -z \"$pids\" ] || timeout -k 1 {PS_LIMIT} ps -o pid=,sid= -p \"$pids\"; "
+                  f"echo \"{_MARK}exit 0\"",
+                  "esac"]
+    parts = []
+    if disk:
+        # mkdir and df on one time limit: a hung network mount blocks either
+        parts.append(("disk", f"{run} sh -c 'mkdir -p \"$1\" && exec df -P -k \"$1\"' sh {shlex.quote(root)}"))
+    if slurm:
+        parts.append(("nodes", f"{run} sinfo -h -N -o '%N|%P|%a|%T|%E'"))
     for name, cmd in parts:
         lines.append(f"echo '{_MARK}{name}'; ( {cmd} ) 2>&1; echo \"{_MARK}exit $?\"")
     return "\n".join(lines)
 
 
+def tool_limit(timeout: float, *, gpus: bool, slurm: bool) -> float:
+    """Each tool's time limit on the host: the tools run one after the other, each may take
+    its limit plus 2 s to be killed, and ps its own few seconds, all within ``timeout``."""
+    tools = 2 * gpus + 1 + slurm  # nvidia-smi twice, df, sinfo
+    return max(1.0, round((timeout - PS_LIMIT - 2) / tools - 2, 1))
+
+
 def take(host: Host, *, slurm: bool, partition: str | None, gpus: bool = True, timeout: float = 30) -> dict:
     """Read the host now. A host that does not answer gives a reading that says so."""
+    limit = tool_limit(timeout, gpus=gpus, slurm=slurm)
     try:
-        result = host.run(command(str(host.root), gpus=gpus, slurm=slurm), timeout=timeout)
+        result = host.run(command(str(host.root), gpus=gpus, slurm=slurm, limit=limit), timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - dropped connection, timeout, breaker open: "unknown", with why
         reason = f"could not read the host: {exc}"
         return {"host": host.name, "gpus": _unknown(reason) if gpus else None, "disk": _unknown(reason),
                 "nodes": _unknown(reason) if slurm else None}
     return parse(result.stdout, host=host.name, slurm=slurm, partition=partition, gpus=gpus,
-                 returncode=result.returncode, stderr=result.stderr)
+                 returncode=result.returncode, stderr=result.stderr, limit=limit)
 
 
 def parse(text: str, *, host: str, slurm: bool, partition: str | None, gpus: bool = True,
-          returncode: int = 0, stderr: str = "") -> dict:
+          returncode: int = 0, stderr: str = "", limit: float | None = None) -> dict:
     sections = split_sections(text)
-    reading: dict[str, Any] = {"host": host}
-    missing = f"the reading command ended early (exit {returncode}): {stderr.strip()[:200] or 'no output'}"
-    if gpus:
-        if "gpus" in sections and "apps" in sections:
-            reading["gpus"] = parse_gpus(*sections["gpus"], *sections["apps"])
-        else:
-            reading["gpus"] = _unknown(missing)
+    missing = _unknown(f"the reading command ended early (exit {returncode}): {stderr.strip()[:200] or 'no output'}")
+
+    def stopped(name: str) -> dict | None:
+        if sections.get(name, ("", 0))[1] in TIMED_OUT:
+            return _unknown(f"{_TOOLS[name]} did not answer within {limit or 0:g} s (stopped on the host)")
+        return None
+
+    def part(name: str, parser, **kw) -> dict:
+        return missing if name not in sections else stopped(name) or parser(*sections[name], **kw)
+
+    if not gpus:
+        gpu_part = None
+    elif "gpus" not in sections or ("apps" not in sections and sections["gpus"][1] not in (NOT_INSTALLED, *TIMED_OUT)):
+        gpu_part = missing
     else:
-        reading["gpus"] = None
-    reading["disk"] = parse_df(*sections["disk"]) if "disk" in sections else _unknown(missing)
-    if slurm:
-        reading["nodes"] = (parse_sinfo(*sections["nodes"], partition=partition) if "nodes" in sections
-                            else _unknown(missing))
-    else:
-        reading["nodes"] = None
-    return reading
+        gpu_part = stopped("gpus") or stopped("apps") or parse_gpus(
+            *sections["gpus"], *sections.get("apps", ("", 0)), sessions=sections.get("sessions", ("", 0))[0])
+    return {"host": host, "gpus": gpu_part, "disk": part("disk", parse_df),
+            "nodes": part("nodes", parse_sinfo, partition=partition) if slurm else None}
 
 
 def split_sections(text: str) -> dict[str, tuple[str, int]]:
@@ -127,53 +154,83 @@ def _value(raw: str, kind):
     return value
 
 
-def _rows(text: str, fields: tuple[str, ...], keys: dict) -> list[dict]:
-    """CSV rows into dicts; raises ValueError naming the first row it cannot read."""
-    rows = []
+def _row(line: str, number: int, fields: tuple[str, ...], keys: dict) -> dict:
+    """One CSV row; raises ValueError saying what is wrong: the line itself when it is not
+    a row of the query at all (nvidia-smi's "Unable to determine the device handle for…")."""
+    values = [v.strip() for v in line.split(",")]
+    if len(values) != len(fields):
+        raise ValueError(line.strip()[:200])
+    row = {}
+    for field, raw in zip(fields, values):
+        if field not in keys:
+            continue  # a column we do not use (the captures in tests hold more)
+        key, kind = keys[field]
+        try:
+            row[key] = _value(raw, kind)
+        except ValueError as exc:
+            raise ValueError(f"row {number}, {field}: {exc}") from None
+    return row
+
+
+def _rows(text: str, fields: tuple[str, ...], keys: dict) -> tuple[list[dict], list[str]]:
+    """The rows that can be read, and why each other line could not."""
+    rows, problems = [], []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        values = [v.strip() for v in line.split(",")]
-        if len(values) != len(fields):
-            raise ValueError(f"row {number} has {len(values)} values, expected {len(fields)}: {line.strip()[:120]!r}")
-        row = {}
-        for field, raw in zip(fields, values):
-            if field not in keys:
-                continue  # a column we do not use (the captures in tests hold more)
-            key, kind = keys[field]
+        if line.strip():
             try:
-                row[key] = _value(raw, kind)
+                rows.append(_row(line, number, fields, keys))
             except ValueError as exc:
-                raise ValueError(f"row {number}, {field}: {exc}") from None
-        rows.append(row)
-    return rows
+                problems.append(str(exc))
+    return rows, problems
 
 
-def parse_gpus(gpu_text: str, gpu_code: int, app_text: str, app_code: int, *,
+def parse_gpus(gpu_text: str, gpu_code: int, app_text: str, app_code: int, *, sessions: str = "",
                gpu_fields: tuple[str, ...] = GPU_FIELDS, app_fields: tuple[str, ...] = APP_FIELDS) -> dict:
-    """``nvidia-smi --query-gpu`` and ``--query-compute-apps`` output -> the GPU part:
-    ``{"state": "ok", "devices": [...]}`` with each device's compute processes, or
-    ``{"state": "unknown"|"absent", "reason": ...}``."""
-    if gpu_code != 0:
+    """``nvidia-smi --query-gpu`` and ``--query-compute-apps`` output (and ``ps -o pid=,sid=``
+    of the processes) -> the GPU part: ``{"state": "ok", "devices": [...]}`` with each device's
+    compute processes and their sessions, plus ``unreadable`` (the tool's line for each GPU it
+    could not read: the others stay usable); or ``{"state": "unknown"|"absent", "reason": ...}``."""
+    if gpu_code == NOT_INSTALLED:
         return _failed("nvidia-smi --query-gpu", gpu_text, gpu_code)
-    if app_code != 0:
-        return _failed("nvidia-smi --query-compute-apps", app_text, app_code)
-    try:
-        devices = _rows(gpu_text, gpu_fields, _GPU_KEYS)
-        apps = _rows(app_text, app_fields, _APP_KEYS)
-    except ValueError as exc:
-        return _unknown(f"nvidia-smi printed what could not be read ({exc})")
-    for device in devices:
-        if device.get("index") is None or not device.get("uuid"):
-            return _unknown(f"nvidia-smi gave a GPU without index or UUID: {device}")
-        device["processes"] = [{k: v for k, v in app.items() if k != "gpu_uuid"} for app in apps
-                               if app.get("gpu_uuid") == device["uuid"]]
+    devices, unreadable = _rows(gpu_text, gpu_fields, _GPU_KEYS)
+    unreadable += [f"a GPU without index or UUID: {d}" for d in devices if d.get("index") is None or not d.get("uuid")]
+    devices = [d for d in devices if d.get("index") is not None and d.get("uuid")]
+    if not devices:
+        if gpu_code != 0:
+            first = unreadable[0] if unreadable else "no output"
+            return _unknown(f"nvidia-smi --query-gpu failed (exit {gpu_code}): {first}")
+        return _unknown(f"nvidia-smi printed no GPU it could read: {unreadable[0]}") if unreadable else \
+            {"state": "ok", "devices": []}
     if len({d["index"] for d in devices}) != len(devices):
         return _unknown("nvidia-smi listed one GPU index twice")
+    apps, app_problems = _rows(app_text, app_fields, _APP_KEYS)
+    # The query of processes may fail on the GPU that could not be read, with the same line;
+    # any other line we cannot place could be a process on any GPU: nothing can be judged.
+    own = set(unreadable)
+    if [p for p in app_problems if p not in own]:
+        first = next(p for p in app_problems if p not in own)
+        return _unknown(f"nvidia-smi --query-compute-apps printed what could not be read ({first})")
+    if app_code != 0 and not (app_problems and own):
+        return _failed("nvidia-smi --query-compute-apps", app_text, app_code)
     strays = {a.get("gpu_uuid") for a in apps} - {d["uuid"] for d in devices}
-    if strays:
+    if strays and not own:  # with an unreadable GPU they are its processes
         return _unknown(f"nvidia-smi listed processes on a GPU it did not list ({sorted(map(str, strays))[0]})")
-    return {"state": "ok", "devices": devices}
+    session_of = _sessions(sessions)
+    for device in devices:
+        device["processes"] = [{**{k: v for k, v in app.items() if k != "gpu_uuid"},
+                                "session": session_of.get(app.get("pid"))}
+                               for app in apps if app.get("gpu_uuid") == device["uuid"]]
+    return {"state": "ok", "devices": devices, **({"unreadable": unreadable} if unreadable else {})}
+
+
+def _sessions(text: str) -> dict[int, int]:
+    """``ps -o pid=,sid=`` lines -> pid: session id (a process gone meanwhile is not listed)."""
+    found = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            found[int(parts[0])] = int(parts[1])
+    return found
 
 
 def parse_df(text: str, code: int) -> dict:

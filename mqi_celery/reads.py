@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Callable, Iterator
 
+from .errors import ConnectionError_
 from .models import ACTIVE_CASE, Case, CaseStatus, Job, JobStatus
 
 # The Alembic head: a database at it is read without Alembic (a test keeps them equal).
@@ -169,6 +170,31 @@ class CaseReads:
     def inbox_problems(self) -> dict[str, str]:
         return {p["entry"]: p["reason"] for p in self.inbox_problem_rows()}
 
+    def waiting_cases(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Active cases that wait for something outside them, and why (oldest first)."""
+        with self._reading() as q:
+            rows = q(f"SELECT case_id, status, stage, wait_reason FROM cases WHERE status IN ({_marks(_ACTIVE)}) "
+                     "AND wait_reason IS NOT NULL ORDER BY created_at LIMIT ?", *_ACTIVE, int(limit))
+        return [{"case_id": c, "status": st, "stage": sg, "reason": r} for c, st, sg, r in rows]
+
+    # --- hosts -------------------------------------------------------------------------
+    def reading(self, host: str) -> tuple[dict[str, Any] | None, datetime | None]:
+        """The host's latest reading and when it was taken (None, None before the first)."""
+        with self._reading() as q:
+            rows = q("SELECT reading, read_at FROM hosts WHERE name = ?", host)
+        return (_json(rows[0][0]), _when(rows[0][1])) if rows else (None, None)
+
+    def claims(self, host: str) -> dict[str, tuple[str, int]]:
+        """resource -> (case_id, beam) held on the host."""
+        with self._reading() as q:
+            return {r: (c, b) for r, c, b in q("SELECT resource, case_id, beam FROM claims WHERE host = ?", host)}
+
+    def breaker_state(self, host: str) -> tuple[str, datetime | None, str | None]:
+        """The host's circuit breaker: (closed | open | half_open, open since, last error)."""
+        with self._reading() as q:
+            rows = q("SELECT state, opened_at, last_error FROM hosts WHERE name = ?", host)
+        return ("closed", None, None) if not rows else (rows[0][0], _when(rows[0][1]), rows[0][2])
+
     def events(self, case_id: str, *, with_hosts: bool = False) -> list[dict[str, Any]]:
         """The case's events; ``with_hosts`` adds host outages seen since it was registered.
         (Two indexed queries: an OR of the two would read the whole events table.)"""
@@ -196,26 +222,33 @@ class DirectReads(CaseReads):
 
 def direct_reads(url: str) -> DirectReads | None:
     """Reads for ``url`` without SQLAlchemy; None where the Store must be used instead: a
-    URL this module does not speak, a database it cannot reach (the Store says why), or a
-    schema not yet at ``SCHEMA_REVISION`` (the Store migrates it)."""
+    URL this module does not speak, or a schema not at ``SCHEMA_REVISION`` (the caller says
+    so; a read never migrates). A PostgreSQL server that does not answer raises
+    ``ConnectionError_``."""
     try:
         if url.startswith(("sqlite:///", "sqlite+pysqlite:///")) and "?" not in url:
             import os
             import sqlite3
 
             path = url.split(":///", 1)[1]
-            if not os.path.isfile(path):  # a new database: the Store creates it
+            if not os.path.isfile(path):  # no database there (the CLI says so before asking)
                 return None
             conn, sqlite = sqlite3.connect(path, timeout=30, isolation_level=None), True
         elif url.startswith(("postgresql://", "postgresql+psycopg2://")):
             import psycopg2
 
-            conn, sqlite = psycopg2.connect("postgresql://" + url.split("://", 1)[1]), False
+            try:
+                conn, sqlite = psycopg2.connect("postgresql://" + url.split("://", 1)[1], connect_timeout=10), False
+            except psycopg2.OperationalError as exc:  # said at once, without the Store's imports
+                first = (str(exc).strip().splitlines() or ["no answer"])[0]
+                raise ConnectionError_(f"the database ({url.split('@')[-1]}) cannot be reached: {first}") from None
             conn.autocommit = True
         else:
             return None
         with reading(conn, sqlite=sqlite) as q:
             current = q("SELECT version_num FROM alembic_version")
+    except ConnectionError_:
+        raise
     except Exception:  # noqa: BLE001 - the Store path reports (or repairs) whatever this was
         return None
     if current != [(SCHEMA_REVISION,)]:

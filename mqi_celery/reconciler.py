@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from . import admission, logs, messages, runtime
 from .celery_app import app
-from .conductor import admit, dispatch, fail_case
+from .conductor import admit, dispatch, fail_case, request_admission
 from .db import utcnow
 from .models import CaseStatus
 
@@ -28,21 +28,23 @@ STAGE_QUEUE = {"upload": "transfer", "submit": "execute", "collect": "transfer"}
 
 
 @app.task(name="mqi.reconcile", ignore_result=True)
-def reconcile() -> dict:
-    return reconcile_once()
+def reconcile(startup: bool = False) -> dict:
+    return reconcile_once(startup=startup)
 
 
-def reconcile_once(limit: int = 200) -> dict:
+def reconcile_once(limit: int = 200, *, startup: bool = False) -> dict:
+    """``startup``: the installation has just (re)started, so no task of a leased case is
+    alive; each is dispatched again at once, even with messages waiting in its queue."""
     settings, store = runtime.settings(), runtime.store()
     summary = {"probed": _probe(), "resumed": resume_parked(), "reconciled": 0, "failed": 0, "postponed": 0}
     expired = store.expired_leases(limit)
-    busy = _busy_queues() if expired else set()
+    busy = _busy_queues() if expired and not startup else set()
     for case_id in expired:
         case = store.get_case(case_id)
         with logs.bound(case.trace_id):
             if case.status is not CaseStatus.NEW and STAGE_QUEUE.get(case.stage) in busy:
-                # Its task may be waiting in line behind other cases: a longer lease, no count.
-                store.hold_lease(case_id, case.dispatch, settings.reconciler.lease_seconds)
+                # Its task may be waiting in line behind other cases: looked at again at the
+                # next run, dispatched again once the line is empty (no count, no new lease).
                 summary["postponed"] += 1
                 continue
             if case.reconciles >= settings.reconciler.max_reconciles:
@@ -95,10 +97,14 @@ def resume_parked() -> int:
                 continue
             messages.emit("case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
             live = case.lease_until is not None and case.lease_until > utcnow()
-            if case.status is CaseStatus.NEW or live:  # a live task still carries it: only the note goes
+            if case.status is CaseStatus.NEW:  # its validation was never sent
+                store.update_case(case_id, wait_reason=None,
+                                  lease_until=utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds))
+                request_admission(case_id)
+            elif live:  # a live task still carries it: only the note goes
                 store.update_case(case_id, wait_reason=None)
-            elif not dispatch(case_id):
-                store.update_case(case_id, wait_reason=None)  # the poller's stage: it simply polls again
+            else:  # a new dispatch clears the note (the poller's stage: it simply polls again)
+                dispatch(case_id, resume=True)  # unless another resume run was first
         resumed += 1
     return resumed
 
@@ -108,6 +114,7 @@ def _probe() -> bool:
     breaker = runtime.breaker()
     if breaker is None or breaker.state()[0] == "closed":
         return False
+    breaker.probe_soon(runtime.settings().reconciler.interval_seconds / 2)
     try:
         runtime.host().run("true", timeout=30)
     except Exception as exc:  # noqa: BLE001 - refused by the breaker or failed: it recorded why
@@ -118,18 +125,11 @@ def _probe() -> bool:
 
 
 def _busy_queues() -> set[str]:
-    """Queues that hold waiting messages (their depth, asked of the broker once per run)."""
-    busy = set()
-    try:
-        with app.connection_for_read() as conn:
-            channel = conn.default_channel
-            for queue in set(STAGE_QUEUE.values()):
-                if channel.queue_declare(queue=queue, passive=True).message_count > 0:
-                    busy.add(queue)
-    except Exception as exc:  # noqa: BLE001 - unknown depth: assume waiting, never re-dispatch blindly
-        log.warning("could not read queue depths (%s); postponing reconciliation", exc)
-        return set(STAGE_QUEUE.values())
-    return busy
+    """Queues that hold waiting messages (their depth, asked of the broker once per run);
+    a depth the broker does not tell counts as waiting: never re-dispatch blindly."""
+    from .celery_app import queue_depths
+
+    return {queue for queue, depth in queue_depths(set(STAGE_QUEUE.values())).items() if depth != 0}
 
 
 def on_startup() -> int:

@@ -14,14 +14,37 @@ from .db import utcnow
 from .models import JobStatus
 from .naming import remote_input_dir, remote_job_dir, remote_output_dir
 from .schedulers import JobSpec
-from .store import WAITING
+from .models import UNSENT, UNSENT_SUBMITTED, WAITING
 from .tasks import PipelineTask
 
 log = logging.getLogger(__name__)
 SUBMITTING = "submitting"  # a beam's step while its scheduler is asked to start it
+INPUT_WRITTEN = "input written"
+MAY_HAVE_RUN = (SUBMITTING, UNSENT_SUBMITTED)  # an earlier delivery asked the scheduler: adopt its run
 
 
-@app.task(name="mqi.submit_beam", base=PipelineTask, bind=True)
+class SubmitTask(PipelineTask):
+    def hand_over(self, case_id, args, dispatch, reason) -> None:
+        """A beam's submit the broker did not take is the poller's: it writes the beam's
+        input if need be and submits it at its next poll (its siblings may still run, so
+        the case is not dispatched again)."""
+        from celery.exceptions import Reject
+
+        store, beam = runtime.store(), args[1]
+        try:
+            asked = store.get_job(case_id, beam).step == SUBMITTING  # its run may exist: keep that known
+            if store.update_job(case_id, beam, step=UNSENT_SUBMITTED if asked else UNSENT,
+                                only_from={JobStatus.PENDING}) is not None:
+                messages.emit("execution_waiting", {"beam": beam, "reason": reason}, case_id=case_id)
+            if store.finish_submits(case_id):
+                store.update_case(case_id, step="running")
+        except Exception as exc:  # noqa: BLE001 - the database too: the broker keeps the message
+            log.error("submit of beam %s of %s: %s; the message goes back to the broker (%s)", beam, case_id,
+                      reason, exc)
+            raise Reject(reason, requeue=True) from exc
+
+
+@app.task(name="mqi.submit_beam", base=SubmitTask, bind=True)
 def submit_beam(self, case_id: str, beam: int) -> str:
     """Write the beam's MOQUI input and hand the run to the scheduler. A redelivery after a
     crash adopts the run the first delivery started (same token), never a second one."""
@@ -33,19 +56,21 @@ def submit_beam(self, case_id: str, beam: int) -> str:
         return f"skipped: case is in stage {case.stage}"
     job = next(j for j in case.jobs if j.beam == beam)
     if job.status is JobStatus.PENDING:
-        if job.step not in ("input written", WAITING, SUBMITTING):  # past here the folder may hold its run
-            _write_input(case, job)
         start_or_wait(case_id, beam)
     if store.finish_submits(case_id):
         store.update_case(case_id, step="running")
     return "submitted"
 
 
-def start_or_wait(case_id: str, beam: int) -> bool:
-    """Submit the beam if its host admits it now (on a direct host: with a GPU of its own);
-    else it waits, with the reason on its case, and the poller starts it later."""
-    grant = admission.start_beam(case_id, beam)
+def start_or_wait(case_id: str, beam: int, *, may_read: bool = True) -> bool:
+    """Submit the beam if its host admits it now (on a direct host: with a GPU of its own),
+    its input written first unless it is there; else it waits, with the reason on its case,
+    and the poller starts it later (``may_read``: see ``admission.start_beam``)."""
     store = runtime.store()
+    job = store.get_job(case_id, beam)
+    if job.step not in (INPUT_WRITTEN, WAITING, *MAY_HAVE_RUN):  # past here the folder may hold its run
+        _write_input(store.get_case(case_id), job)
+    grant = admission.start_beam(case_id, beam, may_read=may_read)
     if isinstance(grant, admission.Grant):
         submit(case_id, beam, grant.gpu, status=JobStatus.RUNNING)
         return True
@@ -70,7 +95,7 @@ def _write_input(case, job) -> None:
                                gantry=engine.gantry_number(machine, settings.engine.gantry_num))
     host.remove_tree(job_dir)  # a rerun starts clean: no old log, exit code or output
     host.write_text(job_dir / "moqui_tps.in", text)
-    runtime.store().update_job(case.case_id, job.beam, step="input written")
+    runtime.store().update_job(case.case_id, job.beam, step=INPUT_WRITTEN)
 
 
 def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
@@ -82,7 +107,7 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     token = f"{case.trace_id[:12]}.{case.attempts}.{fields.get('resubmits', job.resubmits)}"
     # Recorded before the scheduler is asked: only a delivery that finds this step (an
     # earlier one got this far, then crashed or lost its answer) looks for a run to adopt.
-    may_exist = job.step == SUBMITTING
+    may_exist = job.step in MAY_HAVE_RUN
     if not may_exist and runtime.store().update_job(case_id, beam, step=SUBMITTING,
                                                     only_from={JobStatus.PENDING, JobStatus.RUNNING}) is None:
         runtime.store().release_claims(case_id, beam)  # cancelled meanwhile: no run, and its GPU back
@@ -95,17 +120,18 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     metrics.SCHEDULER_QUERIES.labels(host=host.name, command="submit").inc()
     remote_id = scheduler.submit(spec)  # adopts a live job of this name instead of a 2nd submit
     faults.point("after_submit")  # crash tests: die between the submit and the database write
+    started = messages.prepare("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
+                                                     "host": host.name, "gpu": gpu_id}, case_id=case_id)
     recorded = runtime.store().update_job(
         case_id, beam, only_from={JobStatus.PENDING, JobStatus.RUNNING}, step="submitted", scheduler=scheduler.kind,
         remote_id=remote_id, gpu_id=gpu_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
-        finished_at=None, error=None, **fields)
+        finished_at=None, error=None, event=started, **fields)
     if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
         runtime.store().release_claims(case_id, beam)
         metrics.SCHEDULER_QUERIES.labels(host=host.name, command="cancel").inc()
         scheduler.cancel(remote_id, job_dir)
         return "cancelled"
-    messages.emit("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
-                                        "host": host.name, "gpu": gpu_id}, case_id=case_id)
+    messages.emit("execution_started", started["payload"], case_id=case_id, recorded=started)  # log, publish
     return remote_id
 
 

@@ -38,6 +38,12 @@ def host():
     return LocalHost(s.transport.remote_root)
 
 
+def host_name() -> str:
+    """The engine host's name, without connecting to it (or importing SSH)."""
+    s = settings()
+    return s.transport.ssh.host if s.transport.kind == "ssh" else "localhost"
+
+
 @cache
 def breaker():
     """The remote host's circuit breaker (None for the local folder: nothing to guard)."""

@@ -26,11 +26,13 @@ from pathlib import Path
 
 from celery import signals
 
-from . import delivery_log, inbox_watch, messages, runtime
+from . import case_reader, delivery_log, inbox_watch, messages, runtime
 from .celery_app import app
-from .conductor import admit, admit_case_task
+from .conductor import admit, request_admission
 from .db import utcnow
-from .naming import case_id_for, is_utf8, shown
+from .errors import MQIError
+from .models import CaseStatus
+from .naming import case_id_for, inbox_fault, is_utf8, shown
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,18 @@ WAITING = ("not registered yet: waiting until nothing in it has changed for scan
 UNREADABLE_NAME = "its name is not valid UTF-8 text (shown with \\x escapes); rename it using UTF-8 characters"
 
 
+# A folder holding more entries than this, none of them a case, is one inbox entry (20,000
+# empty folders are one problem to fix, not 20,000 to list and announce).
+MANY_PROBLEMS = 100
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One thing the inbox holds: a case folder (``problem`` None) or what is wrong with it."""
+    """One thing the inbox holds: a case folder (``problem`` None) or what is wrong with it.
+    ``whole``: a folder of many entries that are not cases, judged as one."""
     path: Path
     problem: str | None = None
+    whole: bool = False
 
 
 def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Container[str] = (),
@@ -53,11 +62,14 @@ def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Cont
     in ``known`` (registered cases) are neither read nor reported, unless in ``recheck``:
     a year of cases in the inbox costs one look at each name. ``walked`` is told each
     folder looked into for cases (the inbox and the folders between it and the cases)."""
+    holds_cases: set[Path] = set()  # folders with a registered case somewhere below: never one entry
+
     def walk(folder: Path, depth: int) -> Iterator[Finding]:
         if walked is not None:
             walked(folder)
         for entry in _entries(folder, marker):
             if entry.path in known and entry.is_dir(follow_symlinks=False):
+                holds_cases.add(folder)
                 if entry.path in recheck:
                     yield Finding(Path(entry.path))
                 continue
@@ -82,7 +94,17 @@ def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Cont
                 yield Finding(path, "not a case: it holds no RT plan (RP*.dcm) and no delivery log folder "
                                     "(with PlanInfo.txt); copy the complete case or remove it")
             elif depth < max_depth:
-                yield from walk(path, depth + 1)
+                found = list(walk(path, depth + 1))
+                if path in holds_cases:
+                    holds_cases.add(folder)
+                problems = [f for f in found if f.problem is not None]
+                if len(problems) > MANY_PROBLEMS and len(problems) == len(found) and path not in holds_cases:
+                    example = problems[0]
+                    yield Finding(path, f"holds {len(problems):,} entries and none of them is a case (e.g. "
+                                        f"{shown(example.path.name)}: {example.problem}); move the cases it should "
+                                        "hold into the inbox, or remove it", whole=True)
+                else:
+                    yield from found
             else:
                 yield Finding(path, f"holds folders nested deeper than scanner.max_depth ({max_depth}) levels "
                                     "below the inbox and no case folder above that; move the case folder up "
@@ -142,25 +164,35 @@ def _looks_like_case(entries: list[os.DirEntry]) -> bool:
 
 
 def is_ready(case_dir: Path, inbox: Path, marker: str, settle_seconds: float, now: float | None = None) -> bool:
+    """A marker in the case folder or a folder above it below the inbox (one at the top of
+    the inbox marks nothing: see ``stray_marker``), or nothing in it changed for
+    ``settle_seconds``."""
     folder = case_dir
-    while True:
+    while folder != inbox and folder.parent != folder:
         if (folder / marker).exists():
             return True
-        if folder == inbox or folder.parent == folder:
-            break
         folder = folder.parent
-    newest = max((os.lstat(p).st_mtime for p in _walk_entries(case_dir)), default=0.0)
-    return (now or time.time()) - newest >= settle_seconds
+    return settled(case_dir, settle_seconds, now)
 
 
-def _walk_entries(folder: Path) -> Iterator[str]:
-    """The folder and everything in it, links not followed (a link counts by its own time)."""
-    yield str(folder)
-    if folder.is_symlink() or not folder.is_dir():
-        return
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            yield os.path.join(root, name)
+def settled(case_dir: Path, settle_seconds: float, now: float | None = None) -> bool:
+    """Nothing in the folder changed for ``settle_seconds``, marker or not."""
+    return (now or time.time()) - case_reader.last_change(case_dir) >= settle_seconds
+
+
+def _whole_settled(folder: Path, settle_seconds: float) -> bool:
+    """A folder of many non-cases is judged by its own change time (an entry added or
+    removed): looking into each of its entries again would cost what it holds."""
+    return time.time() - os.lstat(folder).st_ctime >= settle_seconds
+
+
+def stray_marker(inbox: Path, marker: str) -> str | None:
+    """Why a marker at the top of the inbox is reported: it would mark every case copied
+    in later as ready before its copy ends."""
+    if not os.path.lexists(inbox / marker):
+        return None
+    return (f"a {marker} at the top of the inbox marks no case (a marker applies to its own folder and what is "
+            f"below it): remove it, and put one into each case folder once its copy is complete")
 
 
 class KnownPaths:
@@ -215,13 +247,52 @@ def _revalidate_if_replaced(case_dir: Path, case_id: str, failed_at, inbox: Path
         retry_case(case_id)
 
 
+class InboxError(MQIError):
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+def announce_inbox(fault: str | None) -> None:
+    """An event when the inbox goes missing and when it is back (once each, not per scan)."""
+    store = runtime.store()
+    last = store.last_event(None, ("inbox_unavailable", "inbox_available"))
+    if fault and last != "inbox_unavailable":
+        log.error("%s", fault)
+        messages.emit("inbox_unavailable", {"reason": fault})
+    elif not fault and last == "inbox_unavailable":
+        log.info("the inbox is back")
+        messages.emit("inbox_available", {"inbox": str(runtime.settings().paths.inbox)})
+
+
+class ScanBusy(MQIError):
+    def __init__(self):
+        super().__init__("another scan of the inbox is running; what it finds shows in `mqi cases list` and "
+                         "`mqi inbox`", transient=True)
+
+
 def scan_once(admit_case=admit) -> list[str]:
     """Register every ready new case and admit it (``admit_case``: here, or a message to the
-    conductor); record what cannot be a case. Returns the new ids."""
+    conductor); record what cannot be a case. Returns the new ids. An inbox that cannot be
+    scanned raises ``InboxError`` (and is announced once; its return too). One scan at a time
+    (``ScanBusy`` otherwise): an older scan finishing after a newer one would record what the
+    newer one had already cleared, and `mqi inbox` would flicker."""
+    from . import db
+
+    with db.slot(runtime.store().engine, "scan", 1) as held:
+        if held is None:
+            raise ScanBusy()
+        return _scan(admit_case)
+
+
+def _scan(admit_case) -> list[str]:
     from .tasks import infrastructure_fault
 
     settings, store = runtime.settings(), runtime.store()
     inbox = Path(os.path.realpath(settings.paths.inbox))
+    fault = inbox_fault(inbox)
+    announce_inbox(fault)
+    if fault:
+        raise InboxError(fault)
     index = known_paths(store)
     known = index.refresh(store)
     invalid = store.validation_failures()
@@ -245,7 +316,8 @@ def scan_once(admit_case=admit) -> list[str]:
             continue
         where = shown(os.path.relpath(finding.path, inbox))
         try:
-            if not is_ready(finding.path, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
+            if not (_whole_settled(finding.path, settings.scanner.settle_seconds) if finding.whole else
+                    is_ready(finding.path, inbox, settings.scanner.marker, settings.scanner.settle_seconds)):
                 # Still being copied, maybe: shown as waiting; a problem seen before stays as it was.
                 unsettled[where] = recorded.get(where, waiting) if finding.problem else waiting
                 continue
@@ -265,8 +337,30 @@ def scan_once(admit_case=admit) -> list[str]:
                               "(details in the log); fix it or remove it"
             if recorded.get(where) != problems[where]:  # logged once, not on every scan
                 log.warning("inbox entry %s could not be scanned", where, exc_info=True)
+    if stray := stray_marker(inbox, settings.scanner.marker):
+        problems[settings.scanner.marker] = stray
+    _admit_settled(admit_case, settings.scanner.settle_seconds)
     _record({**unsettled, **problems}, recorded, waiting)
     return registered
+
+
+def _admit_settled(admit_case, settle_seconds: float) -> None:
+    """Cases whose validation waited for their copy to end are validated again once nothing
+    in their folder changed for ``settle_seconds`` (or it is gone: validation says so)."""
+    store = runtime.store()
+    for case_id, path in store.settling_cases():
+        try:
+            if not settled(Path(path), settle_seconds):
+                continue
+        except FileNotFoundError:
+            pass  # gone: validation says so
+        except OSError as exc:  # unreadable now: looked at again at the next scan
+            log.warning("case %s could not be checked for settling: %s", case_id, exc.strerror)
+            continue
+        if store.update_case(case_id, only_from={CaseStatus.NEW}, step=None, wait_reason=None,
+                             lease_until=utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds)):
+            log.info("case %s settled: validating it again", case_id)
+            admit_case(case_id)
 
 
 def _record(current: dict[str, str], recorded: dict[str, str], waiting: str) -> None:
@@ -280,11 +374,17 @@ def _record(current: dict[str, str], recorded: dict[str, str], waiting: str) -> 
 
 
 @app.task(name="mqi.scan_inbox", ignore_result=True)
-def scan_inbox() -> list[str]:
+def scan_inbox() -> int:
     """The periodic scan costs registration only: validating (reading plans, hashing every
-    file) is the conductor's work, one message per new case (lost: the reconciler admits it
-    when its registration lease runs out)."""
-    return scan_once(admit_case=lambda case_id: admit_case_task.delay(case_id))
+    file) is the conductor's work, one message per new case (one the broker does not take
+    waits for the reconciler's next run). Returns how many it registered (each is logged
+    with its own correlation id; a list of ids in Celery's result line would carry none)."""
+    try:
+        return len(scan_once(admit_case=request_admission))
+    except InboxError:
+        return 0  # said once (event, log, mqi status); the next scan looks again
+    except ScanBusy:
+        return 0  # the running scan covers this one; the next periodic scan sees what came since
 
 
 def folders_to_watch() -> dict[str, bool]:

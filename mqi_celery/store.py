@@ -14,18 +14,18 @@ from typing import Any
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, exists, select, update
+from sqlalchemy import Engine, exists, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from . import db, reads
 from .host_records import HostRecords
-from .models import ACTIVE_CASE, TERMINAL_JOB, Case, CaseStatus, Job, JobStatus, check_transition
+from .models import (ACTIVE_CASE, POLLER_STARTS, SETTLING, TERMINAL_JOB, UNSENT, WAITING, Case, CaseStatus,  # noqa: F401
+                     Job, JobStatus, check_transition)
 
 _ACTIVE = [s.value for s in ACTIVE_CASE]
 _LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
-WAITING = "waiting"  # the step of a PENDING job its host cannot take yet (the poller starts it)
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,20 @@ class Store(HostRecords, reads.CaseReads):
                 stmt = stmt.where(db.CaseRow.created_at >= since)
             return set(s.scalars(stmt))
 
+    def copy_of(self, case_id: str, study_uid: str, manifest: dict[str, str]) -> str | None:
+        """Another case of the same study whose files are the same as ``manifest``: the same
+        delivery dropped twice (under another folder name)."""
+        with self.session() as s:
+            rows = s.execute(select(db.CaseRow.case_id, db.CaseRow.manifest).where(
+                db.CaseRow.study_uid == study_uid, db.CaseRow.case_id != case_id))
+            return next((other for other, files in rows if files == manifest), None)
+
+    def settling_cases(self) -> list[tuple[str, str]]:
+        """(case id, path) of cases whose validation waits for their folder to settle."""
+        with self.session() as s:
+            return list(s.execute(select(db.CaseRow.case_id, db.CaseRow.path).where(
+                db.CaseRow.status == CaseStatus.NEW.value, db.CaseRow.step == SETTLING)))
+
     def validation_failures(self) -> dict[str, tuple[str, Any]]:
         """Cases that failed validation, by path: (case id, when)."""
         with self.session() as s:
@@ -157,14 +171,17 @@ class Store(HostRecords, reads.CaseReads):
             return _case(row)
 
     def start_dispatch(self, case_id: str, lease_seconds: float, *, stage: str | None = None,
-                       reconcile: bool = False) -> Case | None:
+                       reconcile: bool = False, resume: bool = False) -> Case | None:
         """A new dispatch owns the case's current (or given) stage: tasks of older dispatches
-        skip themselves from now on. None when the case is over or the poller owns it."""
+        skip themselves from now on. None when the case is over or the poller owns it;
+        ``resume``: None too unless it still waits, parked (another resume was first)."""
         def change(row):
             if row.status not in (CaseStatus.QUEUED.value, CaseStatus.PROCESSING.value):
                 return False
-            if reconcile and row.lease_until is not None and row.lease_until >= db.utcnow():
+            if (reconcile or resume) and row.lease_until is not None and row.lease_until >= db.utcnow():
                 return False  # a task renewed the lease since the reconciler looked: alive after all
+            if resume and row.wait_reason is None:
+                return False
             row.stage = stage or row.stage or "upload"
             if row.stage == "run":
                 row.wait_reason = None
@@ -198,9 +215,10 @@ class Store(HostRecords, reads.CaseReads):
 
     def finish_submits(self, case_id: str) -> bool:
         """Once no beam is left to submit, the case is the poller's (stage "run"); beams
-        waiting for their host (a GPU, a slot, a drained partition) are the poller's too."""
+        waiting for their host (a GPU, a slot, a drained partition) or whose submit was
+        lost are the poller's too."""
         pending = exists().where(db.JobRow.case_id == db.CaseRow.case_id, db.JobRow.status == JobStatus.PENDING.value,
-                                 db.JobRow.step.is_distinct_from(WAITING))
+                                 or_(db.JobRow.step.is_(None), db.JobRow.step.not_in(POLLER_STARTS)))
         stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage == "submit",
                                          db.CaseRow.status == CaseStatus.PROCESSING.value, ~pending)
                 .values(stage="run", lease_until=None, reconciles=0, updated_at=db.utcnow()))
@@ -224,24 +242,18 @@ class Store(HostRecords, reads.CaseReads):
             return s.execute(stmt.execution_options(synchronize_session=False)).rowcount
 
     def expired_leases(self, limit: int = 100) -> list[str]:
-        """Active cases whose dispatch is presumed dead (its lease ran out)."""
+        """Active cases whose dispatch is presumed dead (its lease ran out). A parked case
+        holds no lease; one with a reason shown but a lease (its beams wait for a GPU while
+        others are being submitted) is still its dispatch's, and can be lost with it."""
         with self.session() as s:
             return list(s.scalars(select(db.CaseRow.case_id).where(
-                db.CaseRow.status.in_(_ACTIVE), db.CaseRow.lease_until < db.utcnow(),
-                db.CaseRow.wait_reason.is_(None)).order_by(db.CaseRow.lease_until).limit(limit)))
+                db.CaseRow.status.in_(_ACTIVE), db.CaseRow.lease_until < db.utcnow())
+                .order_by(db.CaseRow.lease_until).limit(limit)))
 
     def parked_cases(self) -> list[str]:
         with self.session() as s:
             return list(s.scalars(select(db.CaseRow.case_id).where(
                 db.CaseRow.status.in_(_ACTIVE), db.CaseRow.wait_reason.is_not(None))))
-
-    def waiting_cases(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Active cases that wait for something outside them, and why (oldest first)."""
-        with self.session() as s:
-            rows = s.execute(select(db.CaseRow.case_id, db.CaseRow.status, db.CaseRow.stage, db.CaseRow.wait_reason)
-                             .where(db.CaseRow.status.in_(_ACTIVE), db.CaseRow.wait_reason.is_not(None))
-                             .order_by(db.CaseRow.created_at).limit(limit)).all()
-        return [{"case_id": c, "status": st, "stage": sg, "reason": r} for c, st, sg, r in rows]
 
     def void_leases(self) -> int:
         """At start-up of a whole installation no task can be alive: every lease is void."""
@@ -293,14 +305,22 @@ class Store(HostRecords, reads.CaseReads):
 
     def update_job(self, case_id: str, beam: int, *, status: JobStatus | None = None,
                    only_from: Iterable[JobStatus] | None = None, if_remote_id: str | None = None,
-                   **fields: Any) -> Job | None:
+                   event: dict[str, Any] | None = None, **fields: Any) -> Job | None:
         """``if_remote_id``: change nothing (None) unless the job is still that run — a
-        resubmit in between must not receive the old run's outcome."""
+        resubmit in between must not receive the old run's outcome. ``event`` (a message of
+        ``messages.prepare``): recorded in the same transaction as the change, so a crash
+        can never keep one without the other."""
         where = (db.JobRow.case_id == case_id, db.JobRow.beam == beam)
         if if_remote_id is not None:
             where += (db.JobRow.remote_id == if_remote_id,)
-        row = self._update(db.JobRow, where, "job", JobStatus, status, only_from, fields,
-                           after=self._release_if_over if status in TERMINAL_JOB else None)
+
+        def after(s: Session, row: db.JobRow) -> None:
+            if status in TERMINAL_JOB:
+                self._release_if_over(s, row)
+            if event is not None:
+                s.add(db.EventRow(case_id=case_id, command=event["command"], payload=event["payload"],
+                                  correlation_id=event["correlation_id"]))
+        row = self._update(db.JobRow, where, "job", JobStatus, status, only_from, fields, after=after)
         return None if row is None else _job(row)
 
     def _release_if_over(self, s: Session, row: db.JobRow) -> None:
@@ -312,9 +332,17 @@ class Store(HostRecords, reads.CaseReads):
         """Beams ready to run that wait for their host, oldest case first."""
         with self.session() as s:
             rows = s.scalars(select(db.JobRow).join(db.CaseRow, db.CaseRow.case_id == db.JobRow.case_id).where(
-                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step == WAITING,
+                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step.in_(POLLER_STARTS),
                 db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run")
                 .order_by(db.CaseRow.created_at, db.JobRow.case_id, db.JobRow.beam).limit(limit))
+            return [_job(r) for r in rows]
+
+    def runs_since(self, since) -> list[Job]:
+        """Jobs handed to a scheduler that are running or changed since ``since`` (one that
+        started and ended while a reading was taken is among them)."""
+        with self.session() as s:
+            rows = s.scalars(select(db.JobRow).where(db.JobRow.remote_id.is_not(None), or_(
+                db.JobRow.status == JobStatus.RUNNING.value, db.JobRow.updated_at >= since)))
             return [_job(r) for r in rows]
 
     def active_jobs(self) -> list[Job]:
@@ -326,6 +354,13 @@ class Store(HostRecords, reads.CaseReads):
             return [_job(r) for r in rows]
 
     # --- events ------------------------------------------------------------------------
+    def last_event(self, case_id: str, commands: Iterable[str]) -> str | None:
+        """The latest of these events of the case (its command), if any."""
+        with self.session() as s:
+            return s.scalar(select(db.EventRow.command).where(db.EventRow.case_id == case_id,
+                                                              db.EventRow.command.in_(list(commands)))
+                            .order_by(db.EventRow.id.desc()).limit(1))
+
     def add_event(self, command: str, payload: dict[str, Any], *, case_id: str | None,
                   correlation_id: str | None) -> None:
         with self.session() as s:

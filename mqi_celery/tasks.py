@@ -1,4 +1,5 @@
-"""How every pipeline task is registered: queues, routes, retry policy, correlation id.
+"""How every pipeline task behaves: the retry policy and the correlation id (queues and
+routes: ``queues``).
 
 One place owns the retry rule (transient faults: exponential backoff with jitter, within
 the configured budget; permanent faults: fail at once), so no task invents its own.
@@ -6,38 +7,18 @@ the configured budget; permanent faults: fail at once), so no task invents its o
 from __future__ import annotations
 
 import logging
+import math
 import random
 from functools import lru_cache
+from typing import NoReturn
 
 from celery import Task, signals
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 
-from . import logs, runtime
+from . import logs, messages, runtime
 from .errors import ConnectionError_, Held, MQIError, describe, is_transient
 
 log = logging.getLogger(__name__)
-
-# "control" is the poller and the reconciler: the loop that notices finished jobs and
-# stuck cases must never queue behind transfers or engine submissions.
-QUEUES = ("scan", "transfer", "execute", "conductor", "curator", "control")
-TASK_MODULES = ["mqi_celery.scanner", "mqi_celery.file_transfer", "mqi_celery.remote_executor",
-                "mqi_celery.conductor", "mqi_celery.poller", "mqi_celery.curator", "mqi_celery.reconciler"]
-ROUTES = {
-    "mqi.scan_inbox": {"queue": "scan"},
-    "mqi.upload_case": {"queue": "transfer"},
-    "mqi.download_results": {"queue": "transfer"},
-    "mqi.submit_beam": {"queue": "execute"},
-    "mqi.poll_jobs": {"queue": "control"},
-    "mqi.reconcile": {"queue": "control"},
-    "mqi.resume_parked": {"queue": "control"},
-    "mqi.admit_case": {"queue": "conductor"},
-    "mqi.verify_results": {"queue": "conductor"},
-    "mqi.finalize_case": {"queue": "conductor"},
-    "mqi.stop_case": {"queue": "conductor"},
-    "mqi.retry_case": {"queue": "conductor"},
-    "mqi.cancel_case": {"queue": "conductor"},
-    "mqi.report_system_status": {"queue": "curator"},
-}
 
 # How a task's step is named in a reason shown to a user.
 STEP_WORDS = {"mqi.upload_case": "upload", "mqi.download_results": "download of the results",
@@ -51,64 +32,134 @@ class PipelineTask(Task):
     Every such task carries ``dispatch``, the case's dispatch it belongs to: it starts by
     extending that dispatch's lease, and skips itself if a later dispatch took over (the
     reconciler re-dispatched the case, or it was retried). A task that fails for good
-    stops the case with the reason; an outage of the host parks the case instead."""
+    stops the case with the reason; an outage of the host parks the case instead; an
+    outage of the database or the broker is waited out (retried without counting)."""
 
-    #: ``dispatch`` travels in the kwargs (checked here, never passed to ``run``).
+    #: ``dispatch`` and ``outages`` travel in the kwargs (checked here, never passed to ``run``).
     typing = False
     #: Faults we raise on purpose fail the case with their reason; Celery logs them as
     #: expected (one line), not as crashes with a traceback.
     throws = (MQIError,)
+    #: Celery's own limit is off: ``retry.max_retries`` is applied here, to the case's own
+    #: faults only (an outage of the database or broker is not the case's).
+    max_retries = None
+
+    @property
+    def step_words(self) -> str:
+        return STEP_WORDS.get(self.name, self.name)
 
     def __call__(self, *args, **kwargs):
         dispatch = kwargs.pop("dispatch", None)
+        outages = kwargs.pop("outages", 0)
         case_id = case_id_of(args, kwargs)
-        lease = runtime.settings().reconciler.lease_seconds
-        if dispatch is not None and runtime.store().hold_lease(case_id, dispatch, lease) is None:
-            log.info("%s: skipped, case %s has moved on from dispatch %s", self.name, case_id, dispatch)
-            return "skipped: superseded dispatch"
         try:
+            if dispatch is not None and runtime.store().hold_lease(case_id, dispatch, _lease()) is None:
+                log.info("%s: skipped, case %s has moved on from dispatch %s", self.name, case_id, dispatch)
+                return "skipped: superseded dispatch"
             return super().__call__(*args, **kwargs)
-        except (Retry, Ignore):
+        except (Retry, Ignore, Reject):
             raise
         except Exception as exc:
-            if case_id and (isinstance(exc, Held) or host_down(exc)):
-                runtime.store().park(case_id, dispatch, str(exc))
-                log.warning("%s: case %s waits: %s", self.name, case_id, exc)
-                raise Ignore() from exc  # not a success: the rest of the canvas must not run
-            if not is_transient(exc):
+            try:
+                self._fault(exc, case_id, dispatch, outages)
+            except (Retry, Ignore, Reject):
                 raise
-            policy = runtime.settings().retry
-            if self.request.retries < policy.max_retries:
-                delay = backoff(self.request.retries, policy)
-                log.warning("%s: transient fault, retry %d/%d in %ss: %s", self.name,
-                            self.request.retries + 1, policy.max_retries, delay, exc)
-                if dispatch is not None:
-                    runtime.store().hold_lease(case_id, dispatch, lease + delay)
-                raise self.retry(exc=exc, countdown=delay, max_retries=policy.max_retries) from exc
+            except Exception as inner:  # the database went while the fault was judged: an outage
+                if inner is exc or not infrastructure_fault(inner):
+                    raise
+                self._fault(inner, case_id, dispatch, outages)
+
+    def _fault(self, exc: Exception, case_id: str | None, dispatch: int | None, outages: int) -> NoReturn:
+        """Retry, park or fail: the one rule (raises in every case)."""
+        outage = infrastructure_fault(exc)
+        if case_id and not outage and (isinstance(exc, Held) or host_down(exc)):
+            runtime.store().park(case_id, dispatch, str(exc))
+            log.warning("%s: case %s waits: %s", self.name, case_id, exc)
+            raise Ignore() from exc  # not a success: the rest of the canvas must not run
+        if not outage and not is_transient(exc):
+            raise exc
+        settings = runtime.settings()
+        policy, used = settings.retry, self.request.retries - outages  # the case's own retries
+        if not outage and used >= policy.max_retries:
             if isinstance(exc, MQIError):
                 exc.message = f"{exc.message} (gave up after {policy.max_retries} retries)"
-            raise
+            raise exc
+        # An outage is retried for as long as it lasts, at least once per reconciler interval:
+        # the case goes on within that interval of its end.
+        delay = backoff(outages if outage else used, policy, whole_seconds=settings.broker.amqp,
+                        cap=settings.reconciler.interval_seconds if outage else None)
+        if outage:
+            log.warning("%s: %s unreachable, case %s tried again in %ss: %s", self.name,
+                        "database" if _database_fault(exc) else "broker", case_id, delay, exc)
+        else:
+            log.warning("%s: transient fault, retry %d/%d in %ss: %s", self.name, used + 1, policy.max_retries,
+                        delay, exc)
+            if dispatch is not None:
+                runtime.store().hold_lease(case_id, dispatch, _lease() + delay)
+        kwargs = {**self.request.kwargs, "outages": outages + outage}
+        try:
+            raise self.retry(args=self.request.args, kwargs=kwargs, exc=exc, countdown=delay)
+        except Reject as refused:  # Celery drops a retry the broker did not take: we keep the case
+            self.hand_over(case_id, self.request.args, dispatch,
+                           f"the broker did not take the retry of the {self.step_words} "
+                           f"({refused.reason}); it goes on at the reconciler's next run")
+            raise Ignore() from exc
+
+    def hand_over(self, case_id: str | None, args, dispatch: int | None, reason: str) -> None:
+        """A message that carries the case on was lost (the broker did not take it): the
+        case waits with the reason and the reconciler sends it on at its next run, not
+        when its lease runs out. Without the database either, the broker keeps this
+        message (requeued, or redelivered once it is back)."""
+        try:
+            if case_id is None or dispatch is None:
+                raise LookupError("not a step of a case's dispatch")  # a command (stop): it must not be lost
+            if runtime.store().park(case_id, dispatch, reason) is not None:
+                messages.emit("case_waiting", {"reason": reason}, case_id=case_id)
+            log.error("%s: case %s handed to the reconciler: %s", self.name, case_id, reason)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.error("%s: %s; the message goes back to the broker (%s)", self.name, reason, exc)
+            raise Reject(reason, requeue=True) from exc
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         """Failed for good: the case stops with the reason, unless the fault is the
-        infrastructure's (database, broker): then the reconciler resumes it later."""
+        infrastructure's (the broker refused the next step): then the case waits for the
+        reconciler's next run."""
         case_id = case_id_of(args, kwargs)
         if not case_id or self.name == "mqi.stop_case":
             return
         if infrastructure_fault(exc):
-            log.error("%s: %s; case %s is left to the reconciler", self.name, exc, case_id)
+            try:
+                self.hand_over(case_id, args, kwargs.get("dispatch"),
+                               f"the broker did not take the step after the {self.step_words} "
+                               f"({exc}); it goes on at the reconciler's next run")
+            except Reject:
+                pass  # the database is down too: the lease is the last resort
             return
-        reason = describe(exc, STEP_WORDS.get(self.name, self.name))
+        reason = describe(exc, self.step_words)
         try:
             self.app.send_task("mqi.stop_case", (case_id, reason))
-        except Exception as send_exc:  # noqa: BLE001 - the reconciler comes back to the case
-            log.error("could not hand case %s to stop_case (%s); the reconciler will", case_id, send_exc)
+        except Exception as send_exc:  # noqa: BLE001 - the step runs again once the broker takes messages
+            try:
+                self.hand_over(case_id, args, kwargs.get("dispatch"),
+                               f"the broker did not take the stop of the case after its {self.step_words} "
+                               f"failed ({send_exc}); the step is tried again at the reconciler's next run")
+            except Reject:
+                pass  # the database is down too: the lease is the last resort
 
 
-def backoff(retries: int, policy) -> float:
-    """Exponential, capped, with full jitter when asked (seconds may be fractional; Celery's
-    own helper takes whole seconds only)."""
-    delay = min(policy.backoff_max_seconds, policy.backoff_seconds * 2 ** retries)
+def _lease() -> float:
+    return runtime.settings().reconciler.lease_seconds
+
+
+def backoff(retries: int, policy, *, whole_seconds: bool = False, cap: float | None = None) -> float:
+    """Exponential, capped, with full jitter when asked. On RabbitMQ a countdown goes
+    through native delayed delivery, which takes whole seconds of at least 1 (kombu refuses
+    a shorter one, and Celery then drops the retry): there the delay is drawn from whole
+    seconds in [1, d]. Elsewhere seconds may be fractional (Celery's helper takes whole ones)."""
+    delay = min(policy.backoff_max_seconds, policy.backoff_seconds * 2 ** retries, *([cap] if cap else []))
+    if whole_seconds:
+        top = max(1, math.floor(delay))
+        return float(random.randint(1, top) if policy.jitter else top)
     return round(random.uniform(0, delay) if policy.jitter else delay, 3)
 
 
@@ -125,15 +176,49 @@ def host_down(exc: BaseException) -> bool:
 def infrastructure_fault(exc: BaseException) -> bool:
     """The database or the broker failed, not the case's work."""
     from kombu.exceptions import OperationalError as BrokerError
+
+    return isinstance(exc, BrokerError) or _database_fault(exc)
+
+
+# What a database that does not answer says (a query that is wrong says something else).
+_UNREACHABLE = ("could not connect", "connection refused", "connection to server", "server closed the connection",
+                "terminating connection", "connection already closed", "ssl connection has been closed",
+                "the database system is", "could not translate host name", "database is locked")
+
+
+def _database_fault(exc: BaseException) -> bool:
+    """The database is down, restarting or lost the connection: not a wrong query (e.g.
+    "no such table"), which is retried within the budget and then fails."""
     from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-    return isinstance(exc, (BrokerError, OperationalError, InterfaceError, DisconnectionError))
+    if isinstance(exc, DisconnectionError):
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "pgcode", None)
+    if code:  # PostgreSQL: connection exception, or the server shutting down
+        return code.startswith(("08", "57P"))
+    return any(words in str(exc.orig).lower() for words in _UNREACHABLE)
+
+
+def _trace_id(case_id: str) -> str | None:
+    try:
+        return _stored_trace_id(case_id)
+    except Exception as exc:  # noqa: BLE001 - the database is down: the line goes without it
+        if not infrastructure_fault(exc):
+            raise
+        return None
 
 
 @lru_cache(maxsize=1024)
-def _trace_id(case_id: str) -> str | None:
+def _stored_trace_id(case_id: str) -> str | None:
     case = runtime.store().get_case(case_id)
     return case.trace_id if case else None
+
+
+logs.case_resolver = _trace_id  # Celery's own lines about a task (e.g. "received") carry its case's id
 
 
 def for_case(case_id: str):

@@ -96,6 +96,19 @@ def apply(step: dict, case: Path, inbox: Path, outside: Path) -> None:
         base = {"@outside": outside, "@inbox": inbox}[where]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.symlink_to(base / fs_path(to) if to else base)
+    elif verb == "hardlink":
+        where, to = step["target"].split("/", 1)
+        path.unlink(missing_ok=True)
+        os.link({"@outside": outside, "@inbox": inbox}[where] / fs_path(to), path)
+    elif verb == "repeat_rows":  # PlanRange.txt with its first row repeated up to ``rows`` rows
+        lines = path.joinpath("PlanRange.txt").read_text().splitlines(keepends=True)
+        with open(path / "PlanRange.txt", "w") as f:
+            f.write(lines[0])
+            for _ in range(step["rows"]):
+                f.write(lines[1])
+    elif verb == "empty_folders":  # ``count`` empty folders inside
+        for i in range(step["count"]):
+            (path / f"d{i:05d}").mkdir(parents=True)
     elif verb == "fifo":
         path.parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(path)

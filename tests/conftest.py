@@ -82,6 +82,7 @@ def write_config(folder: Path, **sections) -> Path:
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
+    (folder / "inbox").mkdir(parents=True, exist_ok=True)  # as an operator does: a missing inbox is a fault
     path = folder / "mqi.yaml"
     path.write_text(yaml.safe_dump(base))
     return path
@@ -110,9 +111,14 @@ class Embedded:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Embedded":
-        self.out = open(self.folder / "run.out", "ab")
+        log = self.folder / "run.out"
+        self.out = open(log, "ab")
+        before = log.stat().st_size
         self.proc = subprocess.Popen([str(BIN / "mqi"), "run", "--no-live"], cwd=self.folder, env=self.env,
                                      stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Running once it says so (its database made): a listing before that finds none.
+        poll_until(lambda: self.proc.poll() is not None or b"is running" in log.read_bytes()[before:], 120,
+                   0.2, "mqi run to start")
         return self
 
     def stop(self) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from mqi_celery import runtime
 from mqi_celery.models import CaseStatus
-from mqi_celery.tasks import QUEUES
+from mqi_celery.queues import QUEUES
 from tests.casegen import STUDY_UID, make_case
 from tests.polling import poll_until
 from tests.services import CeleryProcesses, postgres_database, rabbitmq_vhost
@@ -26,6 +26,14 @@ def drop_case(inbox: Path, name: str = STUDY_UID, *, marker: bool = True, **shap
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_retry() -> dict:
+    """The retry policy as shipped (tests/conftest.write_config shortens it for speed):
+    fault tests prove recovery with what clinics run."""
+    from mqi_celery.config import Retry
+
+    return Retry().model_dump()
 
 
 class Cluster:

@@ -103,3 +103,21 @@ def received_tasks(log_file: Path) -> Counter:
 
 
 RECEIVED = re.compile(r'"message": "Task ([\w.]+)\[[0-9a-f-]+\] received"')
+
+
+class CpuHog:
+    """Busy loops holding every core, like a shared CI machine (also a context manager)."""
+
+    def __init__(self, n: int = 2):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def __enter__(self) -> "CpuHog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -76,20 +76,55 @@ def reading(*devices, claimed=()):
     return {"gpus": {"state": "ok", "devices": list(devices)}, "claimed": list(claimed)}
 
 
-def gpu(index, *, processes=(), memory=0):
+def gpu(index, *, processes=(), memory=0, ours=()):
     return {"index": index, "uuid": f"GPU-{index}", "name": "x", "memory_used_mib": memory,
-            "processes": [{"pid": p, "name": "p", "used_memory_mib": 100} for p in processes]}
+            "processes": [{"pid": p, "name": "p", "used_memory_mib": 100, "session": p, "ours": p in ours}
+                          for p in processes]}
 
 
 def test_someone_elses_work_makes_a_gpu_not_free(config_file):
-    r = reading(gpu(0), gpu(1, processes=[4242]), gpu(2, memory=20000), gpu(3, processes=[99]), claimed=["gpu:3"])
-    # GPU 3's process is ours (we held it when read); GPU 0 is held by another beam of ours now.
+    r = reading(gpu(0), gpu(1, processes=[4242]), gpu(2, memory=20000), gpu(3, processes=[99], memory=100, ours=[99]),
+                claimed=["gpu:3"])
+    # GPU 3's process is ours (its session is our run's); GPU 0 is held by another beam of ours now.
     assert admission.gpu_candidates(r, {"gpu:0": ("other", 1)}, ("c1", 1)) == [3]
     assert admission.gpu_candidates(r, {"gpu:0": ("c1", 1)}, ("c1", 1)) == [0, 3]  # its own claim counts as free
     reason = admission.no_free_gpu(r, {"gpu:0": ("other", 1), "gpu:3": ("c2", 2)})
-    assert "GPU 0 runs beam 1 of case other" in reason and "GPU 1 is busy with another user's work" in reason
-    assert "GPU 2 is busy with another user's work (0 process(es), 20000 MiB)" in reason
+    assert "GPU 0 runs beam 1 of case other" in reason
+    assert "GPU 1 is busy with another user's work (process 4242, 100 MiB)" in reason
+    assert "GPU 2 is busy with another user's work (20000 MiB, no process listed)" in reason
 
+
+def test_a_foreign_process_beside_our_beam_makes_its_gpu_shared_and_taken_by_no_new_beam(config_file):
+    """Ours are the processes in our runs' sessions: anything else on a GPU we hold is
+    someone else's, and no new beam of ours starts there until it is gone."""
+    shared = gpu(1, processes=[501, 4242], memory=12100, ours=[501])
+    r = reading(gpu(0, processes=[500], memory=100, ours=[500]), shared, claimed=["gpu:0", "gpu:1"])
+    claims = {"gpu:0": ("c1", 1), "gpu:1": ("c1", 2)}
+    assert admission.gpu_state(shared, r, claims) == "shared" and admission.gpu_state(r["gpus"]["devices"][0], r,
+                                                                                        claims) == "ours"
+    assert admission.gpu_candidates(r, {"gpu:0": ("c1", 1)}, ("c1", 3)) == []  # GPU 1's beam ended: still not free
+    reason = admission.no_free_gpu(r, claims)
+    assert "GPU 1 runs beam 2 of case c1 and is shared with another user's work (process 4242, 100 MiB)" in reason
+    # Memory beyond what our processes use is someone else's too; the driver's few MiB are not.
+    assert admission.gpu_state(gpu(1, processes=[501], memory=130, ours=[501]), r, {}) == "free"
+    assert admission.gpu_state(gpu(1, processes=[501], memory=9000, ours=[501]), r, {}) == "busy"
+    # A process whose session we do not know (gone, or a reading from before sessions) is not ours.
+    assert admission.gpu_state(gpu(1, processes=[777]), r, {}) == "busy"
+
+
+
+def test_a_process_on_a_gpu_whose_beam_is_being_started_is_not_taken_for_someone_elses(config_file):
+    """A reading can see a run's process before its pid is recorded (the submit's answer is
+    written after the run starts): that GPU's processes count as ours for that reading."""
+    from mqi_celery import gpu_use
+
+    r = reading(gpu(0, processes=[600], memory=100), gpu(1, processes=[700], memory=100), claimed=["gpu:0"])
+    gpu_use.mark_ours(r, runs=set(), starting={0})
+    first, second = r["gpus"]["devices"]
+    assert first["processes"][0]["ours"] and admission.gpu_state(first, r, {"gpu:0": ("c1", 1)}) == "ours"
+    assert not second["processes"][0]["ours"] and admission.gpu_state(second, r, {}) == "busy"
+    gpu_use.mark_ours(r, runs=set())  # the next reading, the pid recorded elsewhere: 600 is someone else's
+    assert admission.gpu_state(first, r, {"gpu:0": ("c1", 1)}) == "shared"
 
 def test_gpus_from_configuration_where_the_host_has_no_nvidia_smi(config_file):
     absent = {"gpus": {"state": "absent", "reason": "nvidia-smi is not installed on the host"}}
@@ -179,3 +214,64 @@ def test_with_max_transfers_one_uploads_run_one_at_a_time_and_every_case_complet
     assert all(b[0] >= a[1] - 0.01 for a, b in zip(uploads, uploads[1:])), uploads
     waited = [e for c in cases for e in c["events"] if e["command"] == "case_waiting"]
     assert waited and all("transport.max_transfers" in e["payload"]["reason"] for e in waited)
+
+
+def test_disk_admission_counts_only_what_is_still_to_upload(config_file, tmp_path):
+    """A retry whose input is verified on the host already needs no room for a second copy."""
+    from mqi_celery import messages
+
+    config_file(curator={"disk_margin": "1MiB"})
+    store = runtime.store()
+    folder = make_case(tmp_path / "inbox", "again", rows_per_layer=2000)  # about 3 MB
+    store.register_case("again", str(folder))
+    store.update_case("again", manifest={str(p.relative_to(folder)): "x" for p in folder.rglob("*") if p.is_file()})
+    case = store.get_case("again")
+    disk = {"state": "ok", "free_bytes": 2 << 20, "total_bytes": 1 << 30, "mount": "/remote"}
+    assert "this case needs" in admission.disk_hold(case, disk)
+    messages.emit("upload_success", {"files": 0}, case_id="again")
+    assert admission.disk_hold(case, disk) is None
+
+
+def test_mqi_status_accepting_work_agrees_with_what_admission_holds(config_file):
+    config_file(curator={"disk_margin": "1GiB"})
+    closed = ("closed", None, None)
+    roomy = {"state": "ok", "free_bytes": 5 << 30, "total_bytes": 9 << 30, "mount": "/"}
+    assert admission.accepting_hold({"disk": roomy, **reading(gpu(0))}, closed) is None
+    full = {"disk": {**roomy, "free_bytes": 0}}
+    assert "the remote disk (/ on localhost) has 0 B free" in admission.accepting_hold(full, closed)
+    unread = {"disk": roomy, "gpus": {"state": "unknown", "reason": "nvidia-smi did not answer within 9 s"}}
+    assert "new beams wait: the GPUs of localhost cannot be judged" in admission.accepting_hold(unread, closed)
+    taken = {"disk": roomy, **reading(gpu(0, processes=[4242]))}
+    assert "GPU 0 is busy with another user's work" in admission.accepting_hold(taken, closed)
+    ours = {"disk": roomy, **reading(gpu(0, processes=[500], ours=[500]), claimed=["gpu:0"])}
+    assert admission.accepting_hold(ours, closed) is None  # our own beam ends by itself
+    assert admission.accepting_hold(ours, ("open", None, "connection refused")) == \
+        "host unreachable (connection refused)"
+
+
+def test_one_reading_of_a_host_at_a_time_and_unjudged_gpus_asked_again_at_once(config_file, monkeypatch):
+    """A hung host holds one worker slot, not every one that wants a reading; and the
+    poller does not keep a reading whose GPUs could not be judged for
+    curator.gpu_reading_max_age_seconds: it asks again, so a hang's end is seen soon."""
+    from mqi_celery import db
+    from mqi_celery.celery_app import app
+
+    store = runtime.store()
+    with db.slot(store.engine, f"reading:{runtime.host_name()}", 1) as held:
+        assert held == 0
+        assert admission.take_reading() is None  # another process reads the host now
+    assert admission.take_reading() is not None
+    sent = []
+    monkeypatch.setattr(app, "send_task", lambda name, *a, **kw: sent.append(name))
+    monkeypatch.setattr(admission, "_asked_at", None)
+    store.save_reading(runtime.host_name(), {"gpus": {"state": "ok", "devices": []}, "disk": None})
+    assert admission.latest_reading(max_age=60, may_read=False) is not None and sent == []
+    hung = {"state": "unknown", "reason": "nvidia-smi did not answer within 5 s (stopped on the host)"}
+    store.save_reading(runtime.host_name(), {"gpus": hung, "disk": None})
+    assert admission.latest_reading(max_age=60, may_read=False) is None and sent == ["mqi.read_host"]
+    assert admission.latest_reading(max_age=60, may_read=False) is None and sent == ["mqi.read_host"]  # one at a time
+    store.save_reading(runtime.host_name(), {"gpus": hung, "disk": None})  # its answer: used once, then asked again
+    assert admission.latest_reading(max_age=60, may_read=False)["gpus"] == hung
+    assert admission.latest_reading(max_age=60, may_read=False) is None and sent == ["mqi.read_host"] * 2
+    # A submit (may_read) keeps a fresh reading, readable or not: it never waits on a hung host.
+    assert admission.latest_reading(max_age=60, may_read=True)["gpus"] == hung

@@ -78,10 +78,10 @@ def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
     """The validator's verdict on its own (for validator-level entries), then a scan (which
     validates what it registers) of the entry beside a valid case."""
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    config_file(scanner={"settle_seconds": 0})  # every entry copied in completely: ready at once
     store, inbox = runtime.store(), runtime.settings().paths.inbox
     for entry in ([bad] if bad is VALID else [bad, VALID]):
         entry.build(inbox)
-    (inbox / "_CASE_READY").touch()
     if bad.decided_by == "validator":
         verdict: list = []
         assert read_outside(inbox, lambda: verdict.append(validation_of(inbox / bad.path))) == []
@@ -89,6 +89,8 @@ def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
             assert_reason(str(verdict[0]), bad)
         else:
             assert verdict == [None]
+            if "unused" in bad.expect:  # reported and left out of the upload
+                assert len(read_case(inbox / bad.path).unused) == bad.expect["unused"]
             if "gantry" in bad.expect:  # each beam's own machine says its room
                 info = read_case(inbox / bad.path)
                 assert {engine.gantry_number(b.machine, None) for b in info.beams} == {bad.expect["gantry"]}
@@ -107,6 +109,12 @@ def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
         assert case.status.value == {"FAILED": "FAILED", "COMPLETED": "QUEUED"}[bad.expect["status"]]
         if bad.expect["status"] == "FAILED":
             assert_reason(case.error, bad)
+        if "unused" in bad.expect:
+            warning = [e for e in store.events(case.case_id) if e["command"] == "case_warning"]
+            assert len(warning) == 1 and warning[0]["payload"]["unused_files"] == bad.expect["unused"], warning
+            assert "no PlanRange.txt row names were not uploaded" in warning[0]["payload"]["reason"]
+            assert "55061194" not in str(warning[0]["payload"])  # no file names: a .mgn name holds the patient id
+            assert not set(read_case(Path(case.path)).unused) & set(case.manifest)
         assert refused == {}
     else:
         entry = shown(bad.entry or bad.path)
@@ -127,9 +135,9 @@ def _inbox_events(store) -> list[dict]:
 
 def test_a_fixed_inbox_entry_is_no_longer_reported(config_file, monkeypatch):
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    config_file(scanner={"settle_seconds": 0})
     store, inbox = runtime.store(), runtime.settings().paths.inbox
     (inbox / "late_case").mkdir(parents=True)
-    (inbox / "_CASE_READY").touch()
     scan_once()
     assert list(store.inbox_problems()) == ["late_case"]
     shutil.rmtree(inbox / "late_case")
@@ -212,8 +220,7 @@ def test_the_whole_corpus_at_once_through_the_embedded_pipeline(embedded, tmp_pa
     inbox = tmp_path / "inbox"  # the embedded run's inbox: everything is there when it starts
     for bad in CORPUS:
         bad.build(inbox)
-    (inbox / "_CASE_READY").touch()
-    run = embedded()
+    run = embedded(scanner={"interval_seconds": 0.5, "settle_seconds": 0})
 
     registering = {case_id_for(Path(b.path).name): b for b in CORPUS if b.registers}
     refused = {shown(b.entry or b.path): b for b in CORPUS if not b.registers}
@@ -315,10 +322,30 @@ def test_a_case_dropped_again_after_it_failed_validation_is_validated_again(conf
     store, inbox = runtime.store(), runtime.settings().paths.inbox
     broken = make_case(inbox, "redropped", marker=True)
     next(broken.glob("*/*.ptn")).unlink()
-    assert scan_once() == ["redropped"] and store.get_case("redropped").status is CaseStatus.FAILED
+    assert scan_once() == ["redropped"]  # just copied: validated again once settled, then failed for good
+    poll_until(lambda: (scan_once() or True) and store.get_case("redropped").status is CaseStatus.FAILED, 60, 0.5,
+               "the broken case to fail once settled")
     assert scan_once() == [] and store.get_case("redropped").attempts == 0  # unchanged: left alone
     shutil.rmtree(broken)
     make_case(inbox, "redropped", marker=True)  # the corrected copy, at the same place
     scan_once()
     case = store.get_case("redropped")
     assert case.status is CaseStatus.QUEUED and case.error is None and case.attempts == 1
+
+
+def test_a_million_row_plan_range_fails_without_costing_memory(tmp_path):
+    """Refused on its size, before it is read: the validating process grows by < 50 MB."""
+    import subprocess
+    import sys
+
+    bad = next(b for b in CORPUS if b.name == "plan_range_of_a_million_rows")
+    case = bad.build(tmp_path / "inbox")
+    probe = ("import resource, sys\nfrom pathlib import Path\nfrom mqi_celery.case_reader import read_case\n"
+             "from mqi_celery.errors import ValidationError\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    read_case(Path(sys.argv[1]))\nexcept ValidationError as exc:\n    print(exc)\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(case)], capture_output=True, text=True, timeout=120)
+    reason, grown = done.stdout.splitlines()
+    assert "PlanRange.txt is 94." in reason and int(grown) < 50, done.stdout + done.stderr
+    print(f"FAULT-REPORT million-row PlanRange.txt: refused, RSS grew {grown} MB")

@@ -7,7 +7,7 @@ import pytest
 
 from mqi_celery import runtime
 from mqi_celery.models import CaseStatus, JobStatus
-from mqi_celery.tasks import QUEUES
+from mqi_celery.queues import QUEUES
 from tests.casegen import STUDY_UID, make_case
 from tests.conftest import poll_until
 from tests.pipeline_cluster import ENGINE, drop_case, running_job, sha256, wait_finished

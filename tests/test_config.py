@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pydantic
@@ -81,14 +82,18 @@ def test_secrets_are_masked():
     assert "amqp://mqi:***@rabbit:5672/mqi" in text
 
 
-def test_config_check_command(tmp_path):
+def test_config_check_command(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mqi_celery.cli import app
 
+    monkeypatch.setenv("MQI_CONFIG", os.environ.get("MQI_CONFIG", ""))  # --config sets it: undone after the test
+
     f = tmp_path / "site.yaml"
-    f.write_text(yaml.safe_dump({"database": {"url": "postgresql://mqi:hunter2@db/mqi"}}))
-    result = CliRunner().invoke(app, ["--config", str(f), "config", "check"])
+    (tmp_path / "inbox").mkdir()
+    f.write_text(yaml.safe_dump({"database": {"url": "postgresql://mqi:hunter2@db/mqi"},
+                                 "paths": {"inbox": str(tmp_path / "inbox"), "results": str(tmp_path / "results")}}))
+    result = CliRunner().invoke(app, ["--config", str(f), "config", "check", "--offline", "--show"])
     assert result.exit_code == 0, result.output
     assert "configuration OK" in result.output and "hunter2" not in result.output and "***" in result.output
     f.write_text("database:\n  uri: x\n")

@@ -63,7 +63,7 @@ def test_every_mqi_container_runs_processes_its_configuration_has(compose, tmp_p
     """`mqi up --dry-run` with each container's own command, configuration and environment:
     the command exists, names processes that exist, and together they consume every queue
     once with exactly one beat, one Flower, and a metrics endpoint beside every worker."""
-    from mqi_celery.tasks import QUEUES
+    from mqi_celery.queues import QUEUES
 
     config = tmp_path / "mqi.yaml"
     config.write_text((DOCKER / "mqi.compose.yaml").read_text())

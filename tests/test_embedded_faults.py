@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.casegen import make_case
 from tests.conftest import Embedded, installation_pids, kill_installation, poll_until
+from tests.recovery import Recovery
 
 ENGINE = f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 0.5 {{input_file}}"
 
@@ -21,36 +22,52 @@ def case_state(run: Embedded, case_id: str) -> dict | None:
     return json.loads(p.stdout) if p.returncode == 0 else None
 
 
-def test_whole_installation_sigkilled_three_times_every_case_completes_once(embedded, tmp_path):
-    upload_flag, download_flag = tmp_path / "stop-upload", tmp_path / "stop-download"
+def test_whole_installation_sigkilled_four_times_every_case_completes_once(embedded, tmp_path):
+    """The embedded default killed whole at upload, at submit, with engines running and at
+    download, then started again: with the shipped lease (600 s) every case goes on within
+    a minute of each restart, completes once, and each beam runs once."""
+    upload_flag, submit_flag, download_flag = (tmp_path / f"stop-{p}" for p in ("upload", "submit", "download"))
     upload_flag.touch()
-    env = {"MQI_FAULT_INJECT": f"upload_sent:{upload_flag},download_part:{download_flag}", "MQI_FAULT_ACTION": "stop"}
+    env = {"MQI_FAULT_INJECT": f"upload_sent:{upload_flag},after_submit:{submit_flag},download_part:{download_flag}",
+           "MQI_FAULT_ACTION": "stop"}
     run = embedded(env, engine={"command": ENGINE, "gpu_ids": [0, 1]})
-    for name in ("crash0", "crash1"):
+    ids = ("crash0", "crash1")
+    for name in ids:
         make_case(run.inbox, name, marker=True, rows_per_layer=2)
     moments = []
+    recovery = Recovery(ids, lambda c: (case_state(run, c) or {}).get("events", []),
+                        lambda c: (case_state(run, c) or {}).get("status"))
 
     def crash_and_restart(moment: str) -> Embedded:
         moments.append((moment, kill_installation(run.config)))
-        return Embedded(tmp_path, run.config, env).start()
+        started = Embedded(tmp_path, run.config, env).start()
+        recovery.fault_ended(f"killed whole {moment}")
+        poll_until(lambda: len(installation_pids(run.config)) >= 3, 60, what="mqi run and its two workers")
+        return started
 
     # 1. Upload: a transfer task froze between sending the files and verifying them.
     poll_until(lambda: not upload_flag.exists() and installation_pids(run.config, state="T"), 120,
                what="an upload to reach the fault point")
-    run = crash_and_restart("upload")
-    # 2. Engines running (they belong to the host, and outlive the pipeline's crash).
+    submit_flag.touch()
+    run = crash_and_restart("at upload")
+    # 2. Submit: a beam's run started, the database not yet told.
+    poll_until(lambda: not submit_flag.exists() and installation_pids(run.config, state="T"), 120,
+               what="a submit to reach the fault point")
+    run = crash_and_restart("at submit")
+    # 3. Engines running (they belong to the host, and outlive the pipeline's crash).
     poll_until(lambda: (c := case_state(run, "crash0")) and any(j["status"] == "RUNNING" for j in c["jobs"]),
                120, what="an engine of crash0 running")
     download_flag.touch()
-    run = crash_and_restart("engines running")
-    # 3. Download: a results file half fetched.
+    run = crash_and_restart("with engines running")
+    # 4. Download: a results file half fetched.
     poll_until(lambda: not download_flag.exists() and installation_pids(run.config, state="T"), 180,
                what="a download to reach the fault point")
-    run = crash_and_restart("download")
+    run = crash_and_restart("at download")
     try:
-        cases = [run.wait_case(c, timeout=240) for c in ("crash0", "crash1")]
+        cases = [run.wait_case(c, timeout=240) for c in ids]
     finally:
         run.stop()
+    figures = recovery.assert_bounded()
     for case in cases:
         assert case["status"] == "COMPLETED", case["error"]
         commands = [e["command"] for e in case["events"]]
@@ -62,9 +79,10 @@ def test_whole_installation_sigkilled_three_times_every_case_completes_once(embe
         for job in case["jobs"]:
             [(name, digest)] = job["results"].items()
             assert hashlib.sha256((tmp_path / "results" / case["case_id"] / name).read_bytes()).hexdigest() == digest
-    assert [m for m, _ in moments] == ["upload", "engines running", "download"]
+    assert [m for m, _ in moments] == ["at upload", "at submit", "with engines running", "at download"]
     assert all(n >= 3 for _, n in moments)  # mqi run and its two workers, at least
-    print(f"FAULT-REPORT embedded crashes at {moments}: 2 cases completed, each beam run once")
+    assert not list((tmp_path / "results").glob("*/.*.part"))
+    print(f"FAULT-REPORT {json.dumps({'test': 'embedded-crashes', 'moments': moments, 'recovery': figures})}")
 
 
 def test_a_result_whose_hash_does_not_verify_fails_its_beam(embedded, tmp_path):

@@ -33,9 +33,16 @@ def assert_completed_with_results(run, case: dict) -> None:
 
 def test_case_with_marker_completes(embedded):
     run = embedded()
+    stale = run.folder / "results" / STUDY_UID / "beam_9_old_dose.dcm"  # left by an earlier run of this id
+    stale.parent.mkdir(parents=True)
+    stale.write_text("an earlier run's dose")
     make_case(run.inbox, marker=True)
     case = run.wait_case(STUDY_UID, timeout=60)
     assert_completed_with_results(run, case)
+    # The results folder holds what the report lists; the earlier file is moved aside, kept.
+    moved = json.loads((stale.parent / "report.json").read_text())["moved_aside"]
+    assert moved["folder"].startswith("earlier/") and moved["files"] == [stale.name]
+    assert not stale.exists() and (stale.parent / moved["folder"] / stale.name).read_text() == "an earlier run's dose"
     assert case["path"] == str(run.inbox / STUDY_UID)
     commands = [e["command"] for e in case["events"]]
     for expected in ("new_case_found", "upload_success", "execution_started", "execution_success",
@@ -52,6 +59,14 @@ def test_case_with_marker_completes(embedded):
     trace = case["correlation_id"]
     succeeded = [line for line in lines if "mqi.upload_case[" in line["message"] and "succeeded" in line["message"]]
     assert succeeded and all(line["correlation_id"] == trace for line in succeeded)
+    # Every line that names the case once it is registered, in either worker's processes
+    # (Celery's "received" lines in the main processes included), carries its id.
+    registered = next(e["timestamp"] for e in case["events"] if e["command"] == "new_case_found")
+    named = [line for line in lines if STUDY_UID in json.dumps({k: v for k, v in line.items() if k != "correlation_id"})
+             and line["timestamp"] >= registered.replace("Z", "+00:00")]
+    assert any("received" in line["message"] for line in named)
+    assert named and [line for line in named if line["correlation_id"] != trace] == []
+    assert f"correlation id: {trace}" in run.mqi("cases", "show", STUDY_UID).stdout  # what to grep the logs for
     assert all(e["correlation_id"] == trace for e in case["events"])
     assert PATIENT_NAME not in (run.folder / "log" / "mqi.jsonl").read_text()
     assert PATIENT_NAME not in json.dumps(case)

@@ -18,18 +18,19 @@ import pytest
 
 from mqi_celery import runtime
 from mqi_celery.models import CaseStatus
-from mqi_celery.tasks import QUEUES
+from mqi_celery.queues import QUEUES
 from tests.casegen import make_case
 from tests.polling import poll_until
-from tests.pipeline_cluster import sha256, wait_finished
-from tests.services import received_tasks
+from tests.pipeline_cluster import shipped_retry, sha256, wait_finished
+from tests.recovery import Recovery, status_seconds
+from tests.services import CpuHog, received_tasks
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 
 def start_production(cluster, **sections):
     """One prefork worker per queue (concurrency 2) and one beat, like docs/deployment.md."""
-    procs = cluster.configure(**sections)
+    procs = cluster.configure(**{"retry": shipped_retry(), **sections})
     for queue in QUEUES:
         procs.start_worker(queue, "--pool", "prefork", "--concurrency", "2")
     procs.start_beat()
@@ -85,18 +86,6 @@ def _poll_failing(store, host: str) -> bool:
 
 def report(name: str, **figures) -> None:
     print(f"FAULT-REPORT {json.dumps({'test': name, **figures})}")
-
-
-class CpuHog:
-    """Busy loops holding every core, like a shared CI machine."""
-
-    def __init__(self, n: int = 2):
-        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
 
 
 # ---------------------------------------------------------------- 1. under load
@@ -196,14 +185,19 @@ class RefusingListener:
         self.thread.join(5)
 
 
+def recovery_of(case_ids) -> Recovery:
+    store = runtime.store()
+    return Recovery(case_ids, store.events, lambda c: (case := store.get_case(c)) and case.status.value)
+
+
 @pytest.mark.timeout(900)
 def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_path):
+    """Shipped retry, breaker and reconciler settings (lease 600 s): the held cases go on
+    within a minute of sshd's return, not when a lease runs out."""
     tb = cluster.tb
     start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
-                                                 "{input_file}", "timeout_seconds": 300},
-                     breaker={"failures_to_open": 3, "cooldown_seconds": 20},
-                     reconciler={"interval_seconds": 5, "lease_seconds": 120})
-    ids = [f"down{i}" for i in range(4)]
+                                                 "{input_file}", "timeout_seconds": 300})
+    ids = [f"down{i}" for i in range(8)]
     for case_id in ids:
         make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
     store = runtime.store()
@@ -214,8 +208,9 @@ def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_pat
     tb.stop_daemon("sshd")  # the daemon and every session with it
     listener = RefusingListener(tb.ssh_port)
     outage = time.monotonic()
+    recovery = recovery_of(ids + ["late0", "late1"])
     try:
-        opened = poll_until(lambda: [e for e in store.events(ids[0], with_hosts=True)
+        poll_until(lambda: [e for e in store.events(ids[0], with_hosts=True)
                                      if e["command"] == "host_unreachable"], 90, what="the breaker to open")
         waiting = poll_until(lambda: [c for c in ids + ["late0", "late1"] if (case := store.get_case(c))
                                       and case.wait_reason and "unreachable since" in case.wait_reason],
@@ -224,18 +219,29 @@ def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_pat
         shown = subprocess.run([str(Path(sys.executable).parent / "mqi"), "cases", "show", waiting[0]],
                                capture_output=True, text=True, env={**cluster.procs.env}, cwd=tmp_path)
         assert "unreachable since" in shown.stdout and "host_unreachable" in shown.stdout, shown.stdout
+        status_s, status = status_seconds(cluster.procs.env, tmp_path)
+        assert status["accepting_work"] is False and "host unreachable" in status["reason"], status
         time.sleep(max(0.0, 120 - (time.monotonic() - outage)))  # the outage itself lasts 2 minutes
     finally:
         listener.close()
         tb.start_daemon("sshd")
+    recovery.fault_ended("sshd down 120 s")
     attempts = listener.attempts
     cases = wait_all(ids + ["late0", "late1"], 600)
-    report("host-down", outage_s=120, attempts_during_outage=attempts, cases=len(cases),
-           completed=sum(c.status is CaseStatus.COMPLETED for c in cases), opened_at=opened[0]["timestamp"])
-    # 3 failures open the breaker; then one probe per 20 s cool-down (+ a few in flight).
-    assert attempts <= 3 + 120 // 20 + 6, attempts
+    figures = recovery.assert_bounded()
+    report("host-down", outage_s=120, attempts_during_outage=attempts, cases=len(cases), status_s=status_s,
+           completed=sum(c.status is CaseStatus.COMPLETED for c in cases), recovery=figures)
+    # 3 failures open the breaker; then one probe per 30 s cool-down (+ a few in flight).
+    assert attempts <= 3 + 120 // 30 + 6, attempts
     assert_exactly_once(cluster, cases)
     assert any(e["command"] == "host_reachable" for e in store.events(ids[0], with_hosts=True))
+    assert_nothing_left(cluster)
+
+
+def assert_nothing_left(cluster) -> None:
+    """No partial upload on the cluster, no half-downloaded file here."""
+    assert not list(cluster.remote_root.glob("*/input.staging")), list(cluster.remote_root.glob("*/input.staging"))
+    assert not list((cluster.tmp / "results").glob("*/.*.part"))
 
 
 # ---------------------------------------------------------------- 5. scheduler restart
@@ -364,10 +370,11 @@ def private_cluster(tmp_path, config_file, slurm_testbed):
 
 @pytest.mark.timeout(900)
 def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
+    """Shipped retry and reconciler settings (lease 600 s): RabbitMQ stopped 15 s, then
+    PostgreSQL stopped 15 s; after each, every case in flight goes on within a minute."""
     c = private_cluster
     start_production(c, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 0.5 "
-                                           "{input_file}", "timeout_seconds": 300},
-                     reconciler={"interval_seconds": 5, "lease_seconds": 30})
+                                           "{input_file}", "timeout_seconds": 300})
     ids = [f"svc{i:02d}" for i in range(10)]
     for case_id in ids:
         make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
@@ -375,6 +382,7 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     poll_until(lambda: sum(bool(case and case.status is CaseStatus.PROCESSING) for case in map(store.get_case, ids))
                >= 3, 180, what="cases in flight")
     log = tmp_path / "log" / "mqi.jsonl"
+    recovery = recovery_of(ids)
 
     def felt(text: str, before: int) -> bool:  # the workers have noticed the outage
         return log.read_text().count(text) > before
@@ -382,8 +390,12 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     t0 = time.monotonic()
     lost = log.read_text().count("Connection to broker lost")
     c.rabbit.stop()
+    down = time.monotonic()
     poll_until(lambda: felt("Connection to broker lost", lost), 120, 1.0, "workers to lose the broker")
+    rabbit_status_s, _ = status_seconds(c.procs.env, tmp_path)
+    time.sleep(max(0.0, 15 - (time.monotonic() - down)))  # the outage lasts 15 s
     c.rabbit.start()
+    recovery.fault_ended("RabbitMQ stopped 15 s")
 
     def progress() -> int:
         return sum(len(store.events(case_id)) for case_id in ids)
@@ -391,14 +403,23 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     poll_until(lambda: progress() > seen, 300, what="work to go on after the broker restart")
     refused = log.read_text().count("OperationalError")
     c.pg.stop()
+    down = time.monotonic()
     poll_until(lambda: felt("OperationalError", refused), 120, 1.0, "workers to lose the database")
+    pg_status_s, _ = status_seconds(c.procs.env, tmp_path)
+    time.sleep(max(0.0, 15 - (time.monotonic() - down)))
     c.pg.start()
     runtime.reset()  # this test process's own pool
+    recovery.fault_ended("PostgreSQL stopped 15 s")
     cases = wait_all(ids, 600, c.procs)
+    figures = recovery.assert_bounded()
+    text = log.read_text()
     report("service-restarts", cases=10, completed=sum(x.status is CaseStatus.COMPLETED for x in cases),
            reconciled=sum("case_reconciled" in [e["command"] for e in store.events(x.case_id)] for x in cases),
-           seconds=round(time.monotonic() - t0))
+           seconds=round(time.monotonic() - t0), recovery=figures, status_s={"rabbitmq": rabbit_status_s,
+                                                                            "postgresql": pg_status_s},
+           left_to_lease=text.count("is left to the reconciler"), rejected=text.count("reject requeue=False"))
     assert_exactly_once(c, cases)
+    assert "reject requeue=False" not in text
 
 
 def test_a_preempted_job_is_resubmitted_and_completes(cluster, tmp_path):

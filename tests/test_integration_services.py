@@ -10,7 +10,7 @@ from kombu import Connection, Exchange, Queue
 
 from mqi_celery import runtime
 from mqi_celery.models import CaseStatus, JobStatus
-from mqi_celery.tasks import QUEUES
+from mqi_celery.queues import QUEUES
 from tests.casegen import STUDY_UID, make_case
 from tests.pipeline_cluster import wait_finished
 from tests.services import CeleryProcesses, postgres_database, rabbitmq_vhost

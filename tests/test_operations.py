@@ -208,7 +208,7 @@ def test_dry_run_prints_the_topology_and_systemd_units_match_it(tmp_path):
     assert units == sorted([f"mqi-{name}.service" for name in commands] + ["mqi.target"])
     for name, command in commands.items():
         text = (tmp_path / "units" / f"mqi-{name}.service").read_text()
-        assert f"ExecStart={command}\n" in text and f"Environment=MQI_CONFIG={config}\n" in text
+        assert f"ExecStart={command.replace('%', '%%')}\n" in text and f"Environment=MQI_CONFIG={config}\n" in text
         assert "Restart=always" in text and "s3cret" not in text
     target = (tmp_path / "units" / "mqi.target").read_text()
     assert all(f"mqi-{name}.service" in target for name in commands)
@@ -255,21 +255,21 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(install
     import yaml
 
     tb = slurm_testbed
+    exporter_port, prometheus_port = free_port(), free_port()
+    # celery-exporter is one of the processes `mqi up` runs (from its own environment).
     inst = installation(
         transport={"kind": "ssh", "remote_root": str(tb.remote_root / tmp_path.name),
                    "ssh": {"host": tb.host, "port": tb.ssh_port, "user": tb.user, "key_file": str(tb.client_key),
                            "known_hosts": str(tb.known_hosts)}},
         scheduler={"kind": "slurm", "poll_interval_seconds": 0.5, "slurm": {"gres": "gpu:1"}},
-        engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} {{input_file}}"})
-    exporter_port, prometheus_port = free_port(), free_port()
-    broker = yaml.safe_load(inst.config.read_text())["broker"]["url"]
-    log = open(tmp_path / "exporter.log", "ab")
-    side = [subprocess.Popen([str(EXPORTER), "-c", "from src.cli import cli; cli()", "--broker-url", broker,
-                              "--host", "127.0.0.1", "--port", str(exporter_port)], stdout=log, stderr=log)]
+        engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} {{input_file}}"},
+        processes={"exporter": True},
+        metrics={"celery_exporter": {"python": str(EXPORTER), "port": exporter_port, "address": "127.0.0.1"}})
+    log = open(tmp_path / "prometheus.log", "ab")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(exporter_port, inst.metrics_port)))
-    side.append(subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                  f"--web.listen-address=127.0.0.1:{prometheus_port}"], stdout=log, stderr=log))
+    side = [subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                              f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                              f"--web.listen-address=127.0.0.1:{prometheus_port}"], stdout=log, stderr=log)]
     try:
         wait_answering(inst, set(GROUPS))
         try:
@@ -309,6 +309,10 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(install
         except AssertionError:
             raise AssertionError(f"cases counted: {finished()}") from None
         assert prometheus_query(prometheus_port, 'max(celery_queue_length{queue_name="transfer"})')
+        # The workers panel counts nodes (4 here, on one host), not hosts as celery-exporter does.
+        nodes = prometheus_query(prometheus_port, "sum(mqi_worker_nodes)")
+        assert float(nodes[0]["value"][1]) == len(GROUPS), nodes
+        assert "exporter" in {line.split()[1] for line in inst.output().splitlines() if line.startswith("started ")}
     finally:
         for proc in side:
             proc.terminate()

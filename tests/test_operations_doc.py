@@ -33,7 +33,7 @@ def commands(language: str) -> list[str]:
 def shell_env(tmp_path):
     """A configured installation (embedded broker, SQLite) with one failed case in it, and
     `mqi` on the PATH, as an operator's shell would have."""
-    config = write_config(tmp_path, metrics={"port": 9808}, processes={"flower": True},
+    config = write_config(tmp_path, metrics={"port": 9808}, processes={"flower": True}, scanner={"settle_seconds": 0},
                           flower={"basic_auth": "admin:s3cret"})
     env = {**os.environ, "MQI_CONFIG": str(config), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     case = make_case(tmp_path / "inbox", "needs_a_plan", marker=True)
@@ -68,9 +68,9 @@ def test_every_static_block_names_what_exists():
             if not path.startswith("units/"):
                 assert (ROOT / path).exists(), path
         program = shlex.split(line)[0]
-        assert program in {"cp", "systemctl", "cd", "printf", "docker", "pip", "pg_restore", "rsync", "cat", "curl",
+        assert program in {"cp", "install", "systemctl", "cd", "printf", "docker", "pip", "pg_restore", "rsync", "cat", "curl",
                            "ssh-keyscan", "ssh-keygen", "/data/mqi/log/mqi.jsonl", "daily", "rotate", "compress",
-                           "missingok", "copytruncate", "}", "EOF"} or program.startswith("/data/mqi/log/"), line
+                           "missingok", "copytruncate", "}", "EOF", "python3"} or program.startswith(("/data/mqi/log/", "/opt/celery-exporter/bin/")), line
     from mqi_celery.config import load_settings
     from mqi_celery.process_manager import systemd_units, topology
 
@@ -81,7 +81,7 @@ def test_every_static_block_names_what_exists():
     for variable in re.findall(r"^(\w+)=", blocks("sh-static")[1].split("printf '", 1)[1].replace("\\n", "\n"), re.M):
         assert f"${{{variable}:?" in compose, variable
     logs = re.findall(r"/data/mqi/log/(\w+)\.log", DOC.read_text())
-    assert sorted(set(logs)) == sorted({"core", "transfer", "execute", "control", "beat", "flower", "metrics"})
+    assert sorted(set(logs)) == sorted({"core", "transfer", "execute", "control", "beat", "flower", "metrics", "exporter"})
 
 
 def test_every_troubleshooting_heading_is_a_message_the_code_emits():

@@ -24,20 +24,20 @@ APP_CAPTURE_FIELDS = tuple(f if f != "used_gpu_memory" else "used_memory"
                            for f in capture_fields("compute-apps_busy.csv") if f != "gpu_bus_id")
 
 
-def parse_capture(state: str) -> dict:
+def parse_capture(state: str, sessions: str = "") -> dict:
     return readings.parse_gpus((H200 / f"query-gpu-noheader-nounits_{state}.csv").read_text(), 0,
                                (H200 / f"compute-apps-noheader-nounits_{state}.csv").read_text(), 0,
-                               gpu_fields=GPU_CAPTURE_FIELDS, app_fields=APP_CAPTURE_FIELDS)
+                               sessions=sessions, gpu_fields=GPU_CAPTURE_FIELDS, app_fields=APP_CAPTURE_FIELDS)
 
 
 def test_the_busy_h200_capture_is_read_exactly():
-    part = parse_capture("busy")
+    part = parse_capture("busy", sessions="  441   398\n")  # ps -o pid=,sid= of the process
     assert part["state"] == "ok"
     [gpu] = part["devices"]
     assert gpu == {"index": 0, "uuid": UUID, "name": "NVIDIA H200", "utilization_percent": 100.0,
                    "memory_used_mib": 21363, "memory_total_mib": 143771, "memory_free_mib": 121794,
                    "temperature_c": 55.0, "power_w": 692.04,
-                   "processes": [{"pid": 441, "name": "python3", "used_memory_mib": 21354}]}
+                   "processes": [{"pid": 441, "name": "python3", "used_memory_mib": 21354, "session": 398}]}
 
 
 def test_the_idle_h200_capture_has_no_process():
@@ -69,18 +69,74 @@ def test_several_gpus_with_not_available_values():
 
 
 @pytest.mark.parametrize("gpu_text, app_text, reason", [
-    ("0, GPU-aaaa, NVIDIA H200, 3, 120\n", "", "row 1 has 5 values, expected 9"),
+    ("0, GPU-aaaa, NVIDIA H200, 3, 120\n", "", "printed no GPU it could read: 0, GPU-aaaa, NVIDIA H200, 3, 120"),
     ("0, GPU-aaaa, NVIDIA H200, lots, 120, 143771, 143651, 31, 120.5\n", "", "utilization.gpu: 'lots' is not a number"),
     ("zero, GPU-aaaa, NVIDIA H200, 3, 120, 143771, 143651, 31, 120.5\n", "", "index: 'zero' is not a number"),
     ("N/A, GPU-aaaa, NVIDIA H200, 3, 120, 143771, 143651, 31, 120.5\n", "", "without index or UUID"),
     (MULTI + MULTI, "", "one GPU index twice"),
     (MULTI, "GPU-zzzz, 1, x, 10\n", "processes on a GPU it did not list"),
-    (MULTI, "GPU-bbbb, 7001\n", "row 1 has 2 values, expected 4"),
-    ("\x00\xff garbage", "", "row 1 has 1 values"),
+    (MULTI, "GPU-bbbb, 7001\n", "could not be read (GPU-bbbb, 7001)"),
+    ("\x00\xff garbage", "", "printed no GPU it could read"),
 ])
 def test_malformed_nvidia_smi_output_is_unknown_with_the_reason(gpu_text, app_text, reason):
     part = readings.parse_gpus(gpu_text, 0, app_text, 0)
     assert part["state"] == "unknown" and reason in part["reason"], part
+
+
+UNREADABLE = "Unable to determine the device handle for GPU0000:41:00.0: Unknown Error"
+
+
+@pytest.mark.parametrize("code", [0, 15])
+def test_one_unreadable_gpu_leaves_the_others_usable_and_quotes_the_tools_line(code):
+    """nvidia-smi prints the healthy GPUs' rows and one error line for the broken GPU, with
+    exit 0 or not; the reason is that line, never a healthy GPU's row."""
+    gpus = MULTI.splitlines()
+    text = "\n".join([gpus[0], UNREADABLE, gpus[1]]) + "\n"
+    apps = f"GPU-bbbb, 7001, python3, 39000\n{UNREADABLE}\nGPU-dead, 7002, moqui, 900\n"
+    part = readings.parse_gpus(text, code, apps, code, sessions="7001 7001\n")
+    assert part["state"] == "ok" and [d["index"] for d in part["devices"]] == [0, 1]
+    assert part["unreadable"] == [UNREADABLE]
+    assert part["devices"][1]["processes"] == [{"pid": 7001, "name": "python3", "used_memory_mib": 39000,
+                                                "session": 7001}]
+
+
+def test_a_process_query_that_fails_otherwise_leaves_nothing_judged():
+    """An unreadable GPU excuses only its own line: any other failure of the process query
+    could hide another user's process on a healthy GPU."""
+    gpus = MULTI.splitlines()
+    text = "\n".join([gpus[0], UNREADABLE]) + "\n"
+    part = readings.parse_gpus(text, 15, "Failed to query the compute processes\n", 15)
+    assert part["state"] == "unknown" and "Failed to query the compute processes" in part["reason"]
+    assert readings.parse_gpus(text, 15, "", 15)["state"] == "unknown"  # failed, said nothing
+
+
+def test_every_gpu_unreadable_is_unknown_with_the_tools_line():
+    part = readings.parse_gpus(UNREADABLE + "\n", 15, "", 0)
+    assert part == {"state": "unknown", "reason": f"nvidia-smi --query-gpu failed (exit 15): {UNREADABLE}"}
+
+
+@pytest.mark.parametrize("sections, reason", [
+    ("##mqi gpus\n##mqi exit 124\n", "nvidia-smi did not answer within 9 s (stopped on the host)"),
+    ("##mqi gpus\n##mqi exit 137\n", "nvidia-smi did not answer within 9 s (stopped on the host)"),
+    ("##mqi gpus\n" + MULTI + "##mqi exit 0\n##mqi apps\n##mqi exit 124\n",
+     "nvidia-smi --query-compute-apps did not answer within 9 s (stopped on the host)"),
+])
+def test_a_tool_stopped_by_its_time_limit_on_the_host_is_unknown(sections, reason):
+    reading = readings.parse(sections + "##mqi disk\n##mqi exit 124\n", host="h", slurm=False, partition=None,
+                             limit=9)
+    assert reading["gpus"] == {"state": "unknown", "reason": reason}
+    assert reading["disk"] == {"state": "unknown", "reason": "df did not answer within 9 s (stopped on the host)"}
+
+
+def test_every_tool_of_a_reading_runs_under_a_time_limit_on_the_host():
+    script = readings.command("/remote/root", slurm=True, limit=9)
+    for tool in ("nvidia-smi --query-gpu", "nvidia-smi --query-compute-apps", "sh -c 'mkdir -p \"$1\" && exec df -P",
+                 "sinfo"):
+        assert f"timeout -k 2 9 {tool}" in script, tool
+    assert "timeout -k 1 3 ps -o pid=,sid=" in script
+    # In sequence, each killed 2 s after its limit, ps included: the whole stays within the timeout.
+    assert 3 * (readings.tool_limit(30, gpus=True, slurm=False) + 2) + 3 <= 30
+    assert 2 * (readings.tool_limit(30, gpus=False, slurm=True) + 2) + 3 <= 30
 
 
 def test_an_empty_gpu_list_is_a_host_without_gpus():
@@ -151,7 +207,7 @@ def test_malformed_sinfo_is_unknown(text, code, partition, reason):
 
 def test_one_command_output_split_into_its_parts():
     script = readings.command("/remote/root", slurm=True)
-    assert script.count("##mqi exit") == 4 and "/remote/root" in script
+    assert script.count("##mqi exit") == 5 and "/remote/root" in script  # gpus, apps, sessions, disk, nodes
     text = ("##mqi gpus\n" + MULTI + "##mqi exit 0\n##mqi apps\n##mqi exit 0\n##mqi disk\n"
             + (H200 / "df-P.txt").read_text() + "##mqi exit 0\n##mqi nodes\n" + SINFO + "##mqi exit 0\n")
     reading = readings.parse(text, host="h", slurm=True, partition="debug")

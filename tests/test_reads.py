@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 
 from mqi_celery import reads
+from mqi_celery.errors import ConnectionError_
 from mqi_celery.db import utcnow
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.store import NewJob, Store
@@ -63,7 +64,8 @@ def test_a_new_or_unknown_database_is_left_to_the_store(tmp_path):
     assert reads.direct_reads(f"sqlite:///{tmp_path}/none.db") is None
     assert not (tmp_path / "none.db").exists(), "a direct read creates nothing"
     assert reads.direct_reads("mysql://somewhere/db") is None
-    assert reads.direct_reads("postgresql+psycopg2://nobody@127.0.0.1:1/none") is None
+    with pytest.raises(ConnectionError_, match=r"the database \(127.0.0.1:1/none\) cannot be reached: .*refused"):
+        reads.direct_reads("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none")  # said at once, no password
     store = Store.from_url(f"sqlite:///{tmp_path}/old.db")
     with store.session() as s:
         from sqlalchemy import text

@@ -59,13 +59,47 @@ def test_an_expired_lease_is_dispatched_again_with_an_event(broker):
     assert broker.sent == [("lost", "upload", 2)]  # the upload, sent again
     assert reconcile_once()["reconciled"] == 0  # a live lease is left alone
     # Expired again while its upload still waits in the transfer queue (no worker here):
-    # it may simply be in line behind others, so the lease is extended, nothing counted.
+    # it may simply be in line behind others, so it is looked at again next run (no new
+    # lease, nothing counted), and dispatched again once the line is empty.
     broker.busy = {"transfer"}
     store.update_case("lost", lease_until=db.utcnow() - timedelta(seconds=1))
     assert reconcile_once()["postponed"] == 1
     case = store.get_case("lost")
-    assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
+    assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until < db.utcnow()
     assert len(broker.sent) == 1  # nothing sent twice
+    broker.busy = set()
+    assert reconcile_once()["reconciled"] == 1 and broker.sent[-1] == ("lost", "upload", 3)
+
+
+def test_at_start_up_every_leased_case_is_dispatched_again_at_once(broker):
+    """After a restart nothing that held a lease is alive: messages still waiting in a
+    queue do not make the reconciler wait (the new dispatch supersedes them)."""
+    store = runtime.store()
+    _case_with_lost_work(store, stage="submit")
+    store.update_case("lost", status=CaseStatus.PROCESSING, lease_until=db.utcnow() + timedelta(seconds=600))
+    broker.busy = {"execute", "transfer"}
+    assert reconciler.on_startup() == 1
+    assert reconcile_once(startup=True)["reconciled"] == 1
+    assert broker.sent == [("lost", "submit", 2)]
+
+
+def test_a_dispatch_the_broker_refuses_waits_for_the_next_run_not_the_lease(broker, monkeypatch):
+    store = runtime.store()
+    _case_with_lost_work(store)
+
+    sent = _Sent.apply_async
+
+    def refused(self):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+    monkeypatch.setattr(_Sent, "apply_async", refused)
+    assert reconcile_once()["reconciled"] == 1
+    case = store.get_case("lost")
+    assert case.lease_until is None and "the broker did not take the case's upload step" in case.wait_reason
+    waiting = [e for e in store.events("lost") if e["command"] == "case_waiting"]
+    assert "Connection refused" in waiting[0]["payload"]["reason"]
+    monkeypatch.setattr(_Sent, "apply_async", sent)  # the broker is back
+    assert reconcile_once()["resumed"] == 1  # the next run sends it on, without counting
+    assert broker.sent == [("lost", "upload", 3)] and store.get_case("lost").wait_reason is None
 
 
 def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(broker):

@@ -5,6 +5,7 @@ from mqi_celery import runtime
 from mqi_celery.models import CaseStatus
 from mqi_celery.scanner import is_ready, scan_once, survey
 from tests.casegen import make_case
+from tests.polling import poll_until
 
 
 def cases_in(inbox, max_depth):
@@ -26,16 +27,61 @@ def test_marker_in_case_or_above_makes_it_ready(tmp_path):
 
 
 def test_settle_rule_waits_for_the_last_change(tmp_path):
+    """Change times count, not modification times: a copy that keeps the source's dates or a
+    file dated in the future neither settles a case early nor keeps it waiting."""
     case = make_case(tmp_path)
     now = time.time()
     assert not is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now)
-    old = now - 120
+    assert is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now + 61)
+    old, future = now - 3600, now + 86400
+    os.utime(case / "late_file.txt" if (case / "late_file.txt").write_text("copied with cp -p") else case,
+             (old, old))
+    assert not is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=time.time())
     for root, dirs, files in os.walk(case):
         for name in dirs + files + [""]:
-            os.utime(os.path.join(root, name), (old, old))
-    assert is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now)
-    (case / "late_file.txt").write_text("still copying")
-    assert not is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=now)
+            os.utime(os.path.join(root, name), (future, future))
+    assert is_ready(case, tmp_path, "_CASE_READY", settle_seconds=60, now=time.time() + 61)
+
+
+def test_a_marker_at_the_top_of_the_inbox_marks_nothing_and_is_reported(config_file, monkeypatch):
+    """A stray _CASE_READY at the inbox root would make every case copied in later ready at
+    once; it marks nothing and `mqi inbox` says so."""
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    inbox = runtime.settings().paths.inbox
+    (inbox / "_CASE_READY").touch()
+    make_case(inbox, "copying")
+    assert not is_ready(inbox / "copying", inbox, "_CASE_READY", settle_seconds=3600)
+    assert scan_once() == []
+    problems = runtime.store().inbox_problems()
+    assert "a _CASE_READY at the top of the inbox marks no case" in problems["_CASE_READY"]
+    (inbox / "_CASE_READY").unlink()
+    scan_once()
+    assert "_CASE_READY" not in runtime.store().inbox_problems()
+
+
+def test_a_case_marked_ready_before_its_copy_ends_waits_and_is_validated_once_settled(config_file, monkeypatch):
+    """The marker comes first (a common transfer-tool order): the half-copied case is not
+    failed for good; it waits, and once nothing changed for settle_seconds it is validated
+    again and goes on."""
+    dispatched = []
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", dispatched.append)
+    config_file(scanner={"settle_seconds": 2})
+    inbox = runtime.settings().paths.inbox
+    case = make_case(inbox, "early_marker", marker=True)
+    plan = next(case.glob("RP*.dcm"))
+    held = plan.read_bytes()
+    plan.unlink()  # the plan is still to come
+    assert scan_once() == ["early_marker"]
+    waiting = runtime.store().get_case("early_marker")
+    assert waiting.status is CaseStatus.NEW and "still changing" in waiting.wait_reason and "no RT plan" in \
+        waiting.wait_reason
+    plan.write_bytes(held)  # the copy ends
+    scan_once()
+    assert runtime.store().get_case("early_marker").status is CaseStatus.NEW  # not settled yet: not read
+    case_done = poll_until(lambda: (scan_once() or True) and (c := runtime.store().get_case("early_marker"))
+                           and c.status is not CaseStatus.NEW and c, 60, 0.5, "the settled case to be validated")
+    assert case_done.status is CaseStatus.QUEUED and case_done.wait_reason is None, case_done.error
+    assert dispatched == ["early_marker"]
 
 
 def test_scan_registers_each_case_once_and_fails_invalid_ones(config_file, monkeypatch):
@@ -51,8 +97,16 @@ def test_scan_registers_each_case_once_and_fails_invalid_ones(config_file, monke
     assert scan_once() == []
     store = runtime.store()
     assert store.get_case("good").status is CaseStatus.QUEUED and dispatched == ["good"]
-    assert store.get_case("bad").status is CaseStatus.FAILED and "no RT plan" in store.get_case("bad").error
     assert store.get_case("not_ready_yet") is None
+    # Just copied: the invalid one waits for its folder to settle, then fails for good.
+    failed_for_good(store, "bad")
+    assert "no RT plan" in store.get_case("bad").error
+
+
+def failed_for_good(store, case_id: str):
+    """Scans until the case, validated once its folder settled, is FAILED."""
+    return poll_until(lambda: (scan_once() or True) and store.get_case(case_id).status is CaseStatus.FAILED, 60, 0.5,
+                      f"case {case_id} to fail validation once settled")
 
 
 def test_hostile_folder_names_get_safe_ids(config_file, monkeypatch):
@@ -74,7 +128,7 @@ def test_retry_validates_a_fixed_case_again(config_file, monkeypatch):
     saved = plan.read_bytes()
     plan.unlink()
     scan_once()
-    assert runtime.store().get_case("fixable").status is CaseStatus.FAILED
+    failed_for_good(runtime.store(), "fixable")
     plan.write_bytes(saved)  # the physicist puts the plan back
     fixed = retry_case("fixable")
     assert fixed.status is CaseStatus.QUEUED and fixed.error is None and dispatched == ["fixable"]
@@ -147,3 +201,80 @@ def test_the_inbox_watch_wakes_a_scan_when_a_case_or_its_marker_appears(config_f
         assert len(wakes) == seen + 2, "woken by the marker and the new folder, not by the file copied in"
     finally:
         watch.close()
+
+
+def test_a_folder_of_twenty_thousand_non_cases_is_one_inbox_entry(config_file, monkeypatch):
+    """20,000 empty folders in one folder are one problem to fix: one entry and one event
+    over three scans (their times are printed; the speed goal is met in bench/)."""
+    from mqi_celery import db
+    from sqlalchemy import func, select
+
+    config_file(scanner={"settle_seconds": 0})
+    inbox = runtime.settings().paths.inbox
+    for i in range(20_000):
+        (inbox / "junk" / f"d{i:05d}").mkdir(parents=True)
+    make_case(inbox, "beside_it", marker=True)
+    seconds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        registered = scan_once(admit_case=lambda case_id: None)
+        seconds.append(time.perf_counter() - started)
+    problems = runtime.store().inbox_problems()
+    assert list(problems) == ["junk"] and "holds 20,000 entries and none of them is a case" in problems["junk"]
+    assert "e.g. d00000: empty folder" in problems["junk"]
+    with runtime.store().session() as s:
+        events = s.scalar(select(func.count()).select_from(db.EventRow).where(
+            db.EventRow.command == "inbox_entry_refused"))
+    assert events == 1 and runtime.store().get_case("beside_it") is not None and registered == []
+    print(f"FAULT-REPORT 20,000 empty folders: 1 entry, 1 event, scans {', '.join(f'{s:.2f}' for s in seconds)} s")
+
+
+def test_the_same_delivery_under_two_folder_names_is_computed_with_a_notice(config_file, monkeypatch):
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    inbox = runtime.settings().paths.inbox
+    make_case(inbox, "first_copy", marker=True)
+    assert scan_once() == ["first_copy"]
+    make_case(inbox, "second_copy", marker=True)
+    another_fraction = make_case(inbox, "next_fraction", marker=True)
+    (another_fraction / "2025042401440800" / "PlanInfo.txt").write_text(
+        (another_fraction / "2025042401440800" / "PlanInfo.txt").read_text() + "NOTE,another delivery\r\n")
+    assert sorted(scan_once()) == ["next_fraction", "second_copy"]
+    store = runtime.store()
+    warned = [e["payload"] for e in store.events("second_copy") if e["command"] == "case_warning"]
+    assert [w["copy_of"] for w in warned] == ["first_copy"] and "the same delivery as case first_copy" in \
+        warned[0]["reason"]
+    assert not [e for e in store.events("next_fraction") if e["command"] == "case_warning"]
+    assert store.get_case("second_copy").status is CaseStatus.QUEUED  # computed anyway: a notice, not a refusal
+
+
+def test_one_scan_at_a_time(config_file, monkeypatch):
+    """An older scan finishing after a newer one would record what the newer one cleared
+    (`mqi inbox` entries flickered): a scan that finds another running leaves it the work."""
+    from mqi_celery import db
+    from mqi_celery.scanner import ScanBusy, scan_inbox
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    inbox = runtime.settings().paths.inbox
+    make_case(inbox, "during_a_scan", marker=True)
+    with db.slot(runtime.store().engine, "scan", 1) as held:
+        assert held == 0
+        try:
+            scan_once()
+            raise AssertionError("a second scan ran beside the first")
+        except ScanBusy:
+            pass
+        assert scan_inbox() == 0 and runtime.store().get_case("during_a_scan") is None
+    assert scan_once() == ["during_a_scan"]
+
+
+def test_a_folder_holding_registered_cases_is_never_judged_as_one_entry(config_file, monkeypatch):
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
+    config_file(scanner={"settle_seconds": 0})
+    inbox = runtime.settings().paths.inbox
+    make_case(inbox / "G1", "registered_one")
+    assert scan_once(admit_case=lambda case_id: None) == ["registered_one"]
+    for i in range(150):
+        (inbox / "G1" / f"left_{i:03d}").mkdir()
+    scan_once(admit_case=lambda case_id: None)
+    problems = runtime.store().inbox_problems()
+    assert "G1" not in problems and len(problems) == 150  # each named: the folder is not to be removed

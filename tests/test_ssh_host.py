@@ -106,6 +106,36 @@ def test_a_link_in_a_case_is_never_followed(host, tmp_path):
     assert copied.is_symlink() or not copied.exists()
 
 
+def test_big_files_go_up_on_their_own_and_never_through_a_link(slurm_testbed, tmp_path, monkeypatch):
+    """From ssh_host.BIG_FILE a file goes straight into `cat` on the host, opened without
+    following a link (the guarantee tar gives the others)."""
+    from mqi_celery import ssh_host as module
+
+    monkeypatch.setattr(module, "BIG_FILE", 1 << 20)
+    host = ssh_host(slurm_testbed)
+    local = tmp_path / "case"
+    hashes = make_tree(local, ["plan.dcm", "beam_1/PlanInfo.txt"])
+    (local / "beam_1" / "layers").mkdir()
+    (local / "beam_1" / "layers" / "big.ptn").write_bytes(os.urandom(3 << 20))
+    hashes["beam_1/layers/big.ptn"] = file_sha256(local / "beam_1" / "layers" / "big.ptn")
+    dst = host.root / "big_case" / "input"
+    sent_alone = []
+    real_put_file = SSHHost._put_file
+    monkeypatch.setattr(SSHHost, "_put_file", lambda self, *a: sent_alone.append(a[2]) or real_put_file(self, *a))
+    assert host.put_tree(local, dst, sorted(hashes)) == sum((local / n).stat().st_size for n in hashes)
+    assert sent_alone == ["beam_1/layers/big.ptn"]  # the small ones went in the tar stream
+    assert host.sha256(dst, sorted(hashes)) == hashes
+    secret = tmp_path / "outside.bin"
+    secret.write_bytes(b"outside the case: never read " * 100_000)
+    (local / "beam_1" / "linked.ptn").symlink_to(secret)
+    host.put_tree(local, dst, ["beam_1/linked.ptn"])  # sized as a link: the tar stream sends the link itself
+    copied = on_disk(host) / "big_case" / "input" / "beam_1" / "linked.ptn"
+    assert copied.is_symlink() or b"never read" not in copied.read_bytes()
+    # A big file swapped for a link after it was sized is opened without following it.
+    with pytest.raises(CaseInvalid, match="became a symbolic link"):
+        host._put_file(local, dst, "beam_1/linked.ptn", 3 << 20)
+
+
 def test_pipeline_upload_and_download_verified(host, tmp_path):
     local = tmp_path / "case"
     manifest = make_tree(local, ["RP.dcm", "b1/a.ptn", "b1/a.mgn", "b2/x.ptn"])

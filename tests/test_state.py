@@ -194,3 +194,20 @@ def test_listings_show_active_cases_and_the_newest_finished_paged_by_the_databas
     assert len(json.loads(everything.stdout)) == 13
     table = subprocess.run([mqi, "cases", "list", "--limit", "2"], capture_output=True, text=True, check=True).stdout
     assert "3 case(s) of 13" in table and "--all" in table
+
+
+def test_a_job_change_and_its_event_are_written_together_or_not_at_all(config_file):
+    """execution_started is recorded in the transaction that records the run: a crash
+    between the two can no longer keep the run and lose its event."""
+    from mqi_celery import messages
+
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    store.add_jobs("c1", [NewJob(1, "b1", "d1")])
+    started = messages.prepare("execution_started", {"beam": 1, "remote_id": "42"}, case_id="c1")
+    store.update_job("c1", 1, status=JobStatus.RUNNING)  # e.g. another delivery got there first
+    assert store.update_job("c1", 1, only_from={JobStatus.PENDING}, remote_id="42", event=started) is None
+    assert [e["command"] for e in store.events("c1")] == []  # refused: neither
+    store.add_jobs("c1", [NewJob(2, "b2", "d2")])
+    assert store.update_job("c1", 2, only_from={JobStatus.PENDING}, remote_id="43", event=started) is not None
+    assert [e["command"] for e in store.events("c1")] == ["execution_started"]

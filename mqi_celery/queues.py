@@ -1,0 +1,25 @@
+"""Where each task's messages go: the queues, the task modules and the routes (no Celery
+import here: the app, its configuration, the Process Manager and `mqi status` read them)."""
+
+# "control" is the poller and the reconciler: the loop that notices finished jobs and
+# stuck cases must never queue behind transfers or engine submissions.
+QUEUES = ("scan", "transfer", "execute", "conductor", "curator", "control")
+TASK_MODULES = ["mqi_celery.scanner", "mqi_celery.file_transfer", "mqi_celery.remote_executor",
+                "mqi_celery.conductor", "mqi_celery.poller", "mqi_celery.curator", "mqi_celery.reconciler"]
+ROUTES = {
+    "mqi.scan_inbox": {"queue": "scan"},
+    "mqi.upload_case": {"queue": "transfer"},
+    "mqi.download_results": {"queue": "transfer"},
+    "mqi.submit_beam": {"queue": "execute"},
+    "mqi.poll_jobs": {"queue": "control"},
+    "mqi.reconcile": {"queue": "control"},
+    "mqi.resume_parked": {"queue": "control"},
+    "mqi.admit_case": {"queue": "conductor"},
+    "mqi.verify_results": {"queue": "conductor"},
+    "mqi.finalize_case": {"queue": "conductor"},
+    "mqi.stop_case": {"queue": "conductor"},
+    "mqi.retry_case": {"queue": "conductor"},
+    "mqi.cancel_case": {"queue": "conductor"},
+    "mqi.report_system_status": {"queue": "curator"},
+    "mqi.read_host": {"queue": "curator"},
+}

@@ -1,0 +1,138 @@
+"""The one retry rule (``tasks.PipelineTask``), run eagerly in this process with the broker
+replaced where it matters: countdowns RabbitMQ's delayed delivery accepts, outages of the
+database waited out without counting, and a retry the broker refuses handed to the
+reconciler at once (the case waits with the reason) instead of dropped."""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+from celery.exceptions import Reject, Retry
+from sqlalchemy.exc import OperationalError
+
+from mqi_celery import runtime
+from mqi_celery.celery_app import app
+from mqi_celery.errors import TransferError
+from mqi_celery.models import CaseStatus
+from mqi_celery.store import NewJob
+from mqi_celery.tasks import PipelineTask, backoff
+
+POLICY = SimpleNamespace(backoff_seconds=2.0, backoff_max_seconds=120.0, jitter=True)
+
+
+def test_on_rabbitmq_every_countdown_is_whole_seconds_of_at_least_one():
+    random.seed(7)
+    first = [backoff(0, POLICY, whole_seconds=True) for _ in range(2000)]
+    assert set(first) == {1.0, 2.0}  # jitter kept above the transport's floor
+    later = [backoff(3, POLICY, whole_seconds=True) for _ in range(2000)]
+    assert min(later) == 1.0 and max(later) == 16.0 and all(d.is_integer() for d in later)
+    assert backoff(20, POLICY, whole_seconds=True, cap=30) <= 30
+    tiny = SimpleNamespace(backoff_seconds=0.2, backoff_max_seconds=1.0, jitter=False)
+    assert backoff(0, tiny, whole_seconds=True) == 1.0 and backoff(0, tiny) == 0.2  # elsewhere: as configured
+
+
+FAULTS: list = []
+
+
+@app.task(name="mqi.test_rule_probe", base=PipelineTask, bind=True)
+def probe(self, case_id: str) -> str:
+    if FAULTS:
+        raise FAULTS.pop(0)
+    return "done"
+
+
+@pytest.fixture
+def case(config_file):
+    store = runtime.store()
+    store.register_case("c1", "/inbox/c1")
+    store.add_jobs("c1", [NewJob(2, "b2", "d2")])
+    store.update_case("c1", status=CaseStatus.QUEUED, stage="upload")
+    return store.start_dispatch("c1", 600)
+
+
+def _retried_with(monkeypatch) -> list:
+    calls = []
+
+    def retry(self, args=None, kwargs=None, exc=None, countdown=None, **_):
+        calls.append({"kwargs": kwargs, "countdown": countdown})
+        raise Retry(exc=exc, when=countdown)
+    monkeypatch.setattr(PipelineTask, "retry", retry)
+    return calls
+
+
+def test_a_database_outage_is_retried_without_counting_against_the_case(case, monkeypatch):
+    calls = _retried_with(monkeypatch)
+    FAULTS.append(OperationalError("SELECT 1", {}, Exception("connection refused")))
+    # Already retried 9 times, all for outages: the case's own budget (5) is untouched.
+    with pytest.raises(Retry):
+        probe.apply(("c1",), {"dispatch": case.dispatch, "outages": 9}, retries=9, throw=True)
+    [call] = calls
+    assert call["kwargs"]["outages"] == 10 and call["kwargs"]["dispatch"] == case.dispatch
+    assert call["countdown"] <= runtime.settings().reconciler.interval_seconds  # back within an interval
+
+
+def test_the_cases_own_faults_are_counted_and_end_with_gave_up(case, monkeypatch):
+    calls = _retried_with(monkeypatch)
+    FAULTS.append(TransferError("the link dropped"))
+    with pytest.raises(Retry):  # 7 retries, 3 of them for outages: 4 of the case's own, one left
+        probe.apply(("c1",), {"dispatch": case.dispatch, "outages": 3}, retries=7, throw=True)
+    assert calls[0]["kwargs"]["outages"] == 3  # this one counts against the case
+    FAULTS.append(TransferError("the link dropped"))
+    result = probe.apply(("c1",), {"dispatch": case.dispatch, "outages": 2}, retries=7)
+    assert result.state == "FAILURE" and "gave up after 5 retries" in str(result.result)
+
+
+def test_a_wrong_query_is_not_an_outage(case, monkeypatch):
+    import sqlite3
+
+    calls = _retried_with(monkeypatch)
+    FAULTS.append(OperationalError("SELECT x FROM nowhere", {}, sqlite3.OperationalError("no such table: nowhere")))
+    with pytest.raises(Retry):
+        probe.apply(("c1",), {"dispatch": case.dispatch}, throw=True)
+    assert calls[0]["kwargs"]["outages"] == 0  # counted: it fails once the budget is spent
+
+
+def test_a_submit_refused_after_its_scheduler_was_asked_adopts_its_run_never_a_second(case, monkeypatch):
+    """The broker refused the retry of a submit that had asked the scheduler already: the
+    poller takes the beam over and adopts the run that may exist (same token), keeping its
+    input folder (where that run lives)."""
+    from mqi_celery import admission, remote_executor
+    from mqi_celery.models import UNSENT_SUBMITTED
+
+    store = runtime.store()
+    store.update_job("c1", 2, step=remote_executor.SUBMITTING)
+    remote_executor.submit_beam.hand_over("c1", ("c1", 2), case.dispatch, "the broker did not take the retry")
+    assert store.get_job("c1", 2).step == UNSENT_SUBMITTED
+    specs = []
+    monkeypatch.setattr(runtime.scheduler(), "submit", lambda spec: specs.append(spec) or "4242")
+    monkeypatch.setattr(admission, "start_beam", lambda *a, **k: admission.Grant(None))
+    monkeypatch.setattr(remote_executor, "_write_input", lambda *a: pytest.fail("the run's folder was rewritten"))
+    assert remote_executor.start_or_wait("c1", 2, may_read=False)
+    assert [s.may_exist for s in specs] == [True] and store.get_job("c1", 2).remote_id == "4242"
+
+
+def test_a_retry_the_broker_refuses_leaves_the_case_waiting_for_the_reconciler(case, monkeypatch):
+    def refused(self, *args, **kwargs):
+        raise Reject(ConnectionRefusedError("[Errno 111] Connection refused"), requeue=False)
+    monkeypatch.setattr(PipelineTask, "retry", refused)
+    FAULTS.append(TransferError("the link dropped"))
+    result = probe.apply(("c1",), {"dispatch": case.dispatch})
+    assert result.state == "IGNORED"  # acknowledged: the database holds the case, not the message
+    waiting = runtime.store().get_case("c1")
+    assert waiting.lease_until is None and "the broker did not take the retry" in waiting.wait_reason
+    assert "Connection refused" in waiting.wait_reason
+    assert [e["command"] for e in runtime.store().events("c1")][-1] == "case_waiting"
+
+
+def test_without_the_database_either_the_refused_message_goes_back_to_the_broker(case, monkeypatch):
+    def refused(self, *args, **kwargs):
+        raise Reject(ConnectionRefusedError("[Errno 111] Connection refused"), requeue=False)
+    monkeypatch.setattr(PipelineTask, "retry", refused)
+
+    def database_down(*args, **kwargs):
+        raise OperationalError("UPDATE cases", {}, Exception("server closed the connection"))
+    monkeypatch.setattr(type(runtime.store()), "park", database_down)
+    FAULTS.append(TransferError("the link dropped"))
+    result = probe.apply(("c1",), {"dispatch": case.dispatch})
+    assert result.state == "REJECTED" and result.result.requeue is True
