@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint, create_engine, event, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.engine import make_url
 
 from .reads import SCHEMA_REVISION
 
@@ -149,7 +150,11 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":  # the driver we install (SQLAlchemy 2.1 would pick psycopg 3)
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    # A host that drops packets fails a connection in 10 s instead of holding a worker.
+    return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
 
 
 def session_factory(engine: Engine) -> sessionmaker:
@@ -310,8 +315,6 @@ def backup(url: str, target: Path) -> None:
     """SQLite: the online backup API (consistent while others write). PostgreSQL: pg_dump."""
     import sqlite3
     import subprocess
-
-    from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, exists, or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -62,13 +63,23 @@ class Store(HostRecords, reads.CaseReads):
 
     @contextmanager
     def _reading(self):
-        """Plain SQL on a pooled connection (see ``reads``); returned to the pool after."""
-        conn = self.engine.raw_connection()
+        """Plain SQL on a pooled connection (see ``reads``); returned to the pool after.
+        The driver's own errors come out as SQLAlchemy's, as on every other path, so a
+        database that does not answer is told from a wrong query the same way everywhere."""
+        dialect, conn = self.engine.dialect, None
         try:
-            with reads.reading(conn, sqlite=self.engine.dialect.name == "sqlite") as q:
+            conn = self.engine.raw_connection()
+            with reads.reading(conn, sqlite=dialect.name == "sqlite") as q:
                 yield q
+        except dialect.loaded_dbapi.Error as exc:
+            lost = conn is not None and dialect.is_disconnect(exc, conn.dbapi_connection, None)
+            if lost:
+                conn.invalidate()  # never handed out again
+            raise DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error,
+                                      connection_invalidated=lost, dialect=dialect) from exc
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _lock(self, s: Session, model, *where):
         stmt = select(model).where(*where)

@@ -47,6 +47,14 @@ class PrivateRabbitMQ:
             self.proc.wait(60)
         poll_until(lambda: not listening(self.port), 30, 0.5, "private RabbitMQ to stop")
 
+    def queues(self) -> str:
+        """name, ready, unacknowledged, consumers of every queue (for a failing test's message)."""
+        out = subprocess.run(["runuser", "-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq",
+                              "/usr/lib/rabbitmq/bin/rabbitmqctl", "-n", self.node, "-q", "list_queues", "name",
+                              "messages_ready", "messages_unacknowledged", "consumers"],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout + out.stderr
+
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)

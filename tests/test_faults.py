@@ -37,7 +37,7 @@ def start_production(cluster, **sections):
     return procs
 
 
-def wait_all(case_ids, timeout: float, procs=None):
+def wait_all(case_ids, timeout: float, procs=None, broker=None):
     """Wait until every case finished; meanwhile restart any worker that died (what
     systemd's Restart=always or `mqi run` does)."""
     store = runtime.store()
@@ -49,7 +49,34 @@ def wait_all(case_ids, timeout: float, procs=None):
                     procs.restart(name)
         cases = [store.get_case(c) for c in case_ids]
         return cases if all(c and c.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) for c in cases) else None
-    return poll_until(finished, timeout, 1.0, f"{len(case_ids)} cases to finish")
+    try:
+        return poll_until(finished, timeout, 1.0, f"{len(case_ids)} cases to finish")
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}\n{where_they_stand(case_ids, procs, broker)}") from None
+
+
+def where_they_stand(case_ids, procs=None, broker=None) -> str:
+    """Why cases did not finish: each unfinished case's stage, jobs and last events, the
+    queues (when the test owns the broker) and the workers' last errors."""
+    store, lines = runtime.store(), []
+    for case_id in case_ids:
+        case = store.get_case(case_id)
+        if case is None or case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
+            continue
+        lines.append(f"{case_id}: {case.status.name} stage={case.stage} step={case.step} dispatch={case.dispatch} "
+                     f"lease_until={case.lease_until} reconciles={case.reconciles} wait={case.wait_reason}")
+        lines += [f"    beam {j.beam}: {j.status.name} step={j.step} remote={j.remote_id}/{j.remote_state}"
+                  for j in case.jobs]
+        lines += [f"    {e['timestamp']} {e['command']} {json.dumps(e.get('payload'))[:200]}"
+                  for e in store.events(case_id)[-8:]]
+    if broker is not None:
+        lines.append(broker.queues())
+    if procs is not None:
+        log = procs.folder / "log" / "mqi.jsonl"
+        if log.exists():
+            bad = [line for line in log.read_text().splitlines() if re.search(r'"level": ?"(ERROR|WARNING)"', line)]
+            lines += [line[:400] for line in bad[-30:]]
+    return "\n".join(lines)
 
 
 def sbatch_per_beam(cluster) -> Counter:
@@ -410,7 +437,7 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     c.pg.start()
     runtime.reset()  # this test process's own pool
     recovery.fault_ended("PostgreSQL stopped 15 s")
-    cases = wait_all(ids, 600, c.procs)
+    cases = wait_all(ids, 600, c.procs, c.rabbit)
     figures = recovery.assert_bounded()
     text = log.read_text()
     report("service-restarts", cases=10, completed=sum(x.status is CaseStatus.COMPLETED for x in cases),

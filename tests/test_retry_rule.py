@@ -93,6 +93,25 @@ def test_a_wrong_query_is_not_an_outage(case, monkeypatch):
     assert calls[0]["kwargs"]["outages"] == 0  # counted: it fails once the budget is spent
 
 
+def test_every_path_to_a_database_that_does_not_answer_is_an_outage(tmp_path):
+    """Reads on plain SQL (``reads``) and writes through the ORM alike: a refused connection
+    is an outage (waited out), a missing table is the query's fault (counted)."""
+    from mqi_celery.store import Store
+    from mqi_celery.tasks import infrastructure_fault
+    from tests.testbed.cluster import free_ports
+
+    [closed] = free_ports(1)
+    gone = Store.from_url(f"postgresql://postgres@127.0.0.1:{closed}/test", migrate=False)
+    for read_or_write in (lambda: gone.get_case("c1"), lambda: gone.update_case("c1", attempts=1)):
+        with pytest.raises(Exception) as raised:
+            read_or_write()
+        assert infrastructure_fault(raised.value), repr(raised.value)
+    empty = Store.from_url(f"sqlite:///{tmp_path / 'empty.db'}", migrate=False)
+    with pytest.raises(OperationalError) as raised:
+        empty.get_case("c1")
+    assert "no such table" in str(raised.value) and not infrastructure_fault(raised.value)
+
+
 def test_a_submit_refused_after_its_scheduler_was_asked_adopts_its_run_never_a_second(case, monkeypatch):
     """The broker refused the retry of a submit that had asked the scheduler already: the
     poller takes the beam over and adopts the run that may exist (same token), keeping its
