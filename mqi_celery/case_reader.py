@@ -355,3 +355,53 @@ def manifest(case_dir: Path, marker: str, *, leave_out=()) -> dict[str, str]:
         require_folder(case_dir)
         raise ValidationError(f"{shown(Path(exc.filename).name)} disappeared while the case was being read; wait "
                               "until the copy is complete, then retry the case") from None
+
+
+@dataclass(frozen=True)
+class FolderChange:
+    """What differs in a case folder from what was validated (its manifest). ``touched``:
+    something changed after ``since`` even when its content did not (a marker, a copy of
+    the same bytes)."""
+    what: str | None
+    touched: bool
+
+
+def changes_since(case_dir: Path, manifest: dict[str, str], since: float, marker: str) -> FolderChange:
+    """Files added, removed or changed in content since ``since`` (a change time in
+    seconds): only files changed after it are read. Counts and folders, no file names (a
+    .mgn name carries the patient id). Hidden entries and the marker are not content."""
+    added, changed, present, touched = [], [], set(), os.lstat(case_dir).st_ctime > since
+    for root, dirs, files in os.walk(case_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel_root = PurePosixPath(os.path.relpath(root, case_dir))
+        for name in files:
+            rel = str(rel_root / name) if str(rel_root) != "." else name
+            if name.startswith(".") or rel == marker:
+                continue
+            present.add(rel)
+            try:
+                newer = os.lstat(os.path.join(root, name)).st_ctime > since
+            except FileNotFoundError:
+                continue  # going away now: counted as removed
+            touched |= newer
+            if newer and rel not in manifest:
+                added.append(rel)
+            elif newer and sha256_or_none(case_dir, rel) != manifest[rel]:
+                changed.append(rel)
+    removed = [rel for rel in manifest if rel not in present]
+    if not (added or changed or removed):
+        return FolderChange(None, touched)
+    counts = [f"{len(names)} file(s) {verb}" for names, verb in ((added, "added"), (removed, "removed"),
+                                                                  (changed, "changed")) if names]
+    folders = sorted({rel.split("/", 1)[0] if "/" in rel else "." for rel in added + removed + changed})
+    where = ", ".join("the case folder itself" if f == "." else shown(f) for f in folders[:5])
+    more = f" and {len(folders) - 5} more" if len(folders) > 5 else ""
+    return FolderChange(f"{', '.join(counts)} (in {where}{more})", True)
+
+
+def sha256_or_none(case_dir: Path, rel: str) -> str | None:
+    """A case file's SHA-256 now; None when it cannot be read (gone, or not a plain file)."""
+    try:
+        return case_file_sha256(case_dir, rel)
+    except (OSError, ValidationError):
+        return None

@@ -96,6 +96,7 @@ def admit(case_id: str) -> bool:
     case = store.get_case(case_id)
     case_dir = Path(case.path)
     with logs.bound(case.trace_id):
+        began = db.utcnow()  # what changes after this is looked at again (scanner.look_again)
         try:
             info = case_reader.read_case(case_dir, settings.scanner.marker)
             _check_gantries(info, settings.engine.gantry_num)
@@ -120,7 +121,7 @@ def admit(case_id: str) -> bool:
             return False
         store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
         store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
-                          study_uid=info.study_uid, stage="upload",
+                          study_uid=info.study_uid, stage="upload", checked_at=began,
                           lease_until=db.utcnow() + timedelta(seconds=settings.reconciler.lease_seconds))
         # No path: nested layouts put the patient id in it; events carry case ids only.
         messages.emit("new_case_found", {"valid": True, "files": len(files),
@@ -265,14 +266,7 @@ def _write_report(case: Case) -> None:
     holds exactly what the report lists."""
     folder = runtime.settings().paths.results / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
-    ours = {name for j in case.jobs for name in j.results} | {"report.json"}
-    stale = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and p.parts[len(folder.parts)] != EARLIER and str(p.relative_to(folder)) not in ours)
-    moved_to = folder / EARLIER / db.utcnow().strftime("%Y%m%dT%H%M%S%fZ")  # each run's its own: none overwritten
-    for name in stale:
-        target = moved_to / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).replace(target)
+    moved_to, stale = _move_aside(folder, keep={name for j in case.jobs for name in j.results} | {"report.json"})
     report = {"case_id": case.case_id, "study_uid": case.study_uid,
               "jobs": [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "error": j.error,
                         "results": j.results} for j in case.jobs],
@@ -281,6 +275,19 @@ def _write_report(case: Case) -> None:
 
 
 EARLIER = "earlier"  # results/<case>/earlier/: files of earlier runs, moved out of the way
+
+
+def _move_aside(folder: Path, keep=frozenset()) -> tuple[Path, list[str]]:
+    """Move the results folder's files but ``keep`` to ``earlier/<now>/``; returns where,
+    and what moved."""
+    stale = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and p.parts[len(folder.parts)] != EARLIER and str(p.relative_to(folder)) not in keep)
+    moved_to = folder / EARLIER / db.utcnow().strftime("%Y%m%dT%H%M%S%fZ")  # each run's its own: none overwritten
+    for name in stale:
+        target = moved_to / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).replace(target)
+    return moved_to, stale
 
 
 @app.task(name="mqi.stop_case", base=PipelineTask)
@@ -372,6 +379,25 @@ def _retry(case: Case) -> Case:
     store.update_case(case_id, stage="upload" if failed or case.stage in (None, "upload") else "collect")
     dispatch(case_id)
     return store.get_case(case_id)
+
+
+def run_again(case_id: str, changed: str, admit_case=admit) -> bool:
+    """A finished case whose folder holds other content now (the next export dropped at the
+    same path, or files changed under it while it ran) runs again from validation, shown
+    as a new run; the results of the earlier run are moved aside when the new ones come."""
+    store = runtime.store()
+    before = store.get_case(case_id)
+    with logs.bound(before.trace_id):
+        message = messages.prepare("case_dropped_again", {"changed": changed, "run": before.attempts + 2},
+                                   case_id=case_id)
+        if store.new_run(case_id, runtime.settings().reconciler.lease_seconds, message) is None:
+            return False
+        results = runtime.settings().paths.results / case_id
+        if results.is_dir():  # the earlier run's doses stay, out of the new run's way
+            _move_aside(results)
+        messages.emit("case_dropped_again", message["payload"], case_id=case_id, recorded=message)
+        admit_case(case_id)
+    return True
 
 
 @app.task(name="mqi.retry_case")

@@ -47,6 +47,9 @@ class CaseRow(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     reconciles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     wait_reason: Mapped[str | None] = mapped_column(Text)  # why an active case is not moving
+    # When the folder's content was last known to be what was validated (the manifest):
+    # the scanner looks again at a folder changed after it (scanner.look_again).
+    checked_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from . import admission, case_reader, faults, messages, metrics, runtime
 from .celery_app import app
 from .errors import Held, MQIError, NoSpace, TransferError, ValidationError
-from .hosts import Host, case_file_sha256, file_sha256
+from .hosts import Host, file_sha256
 from .models import CaseStatus, JobStatus
 from .naming import remote_input_dir, remote_output_dir
 from .tasks import PipelineTask
@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, manifest: dict[str, str]) -> dict:
     """Make ``remote_dir`` an exact copy of the manifest's files; returns what was sent."""
     files = sorted(manifest)
-    if host.exists(remote_dir) and _mismatches(host, remote_dir, manifest) == []:
-        return {"files": 0, "bytes": 0}
+    if host.exists(remote_dir):
+        if set(host.list_files(remote_dir)) - set(manifest):  # an earlier export's: the engine must not see them
+            host.remove_tree(remote_dir)
+        elif _mismatches(host, remote_dir, manifest) == []:
+            return {"files": 0, "bytes": 0}
     staging = remote_dir.with_name(remote_dir.name + ".staging")
     if host.exists(remote_dir):  # keep what already arrived: only the difference is sent
         host.remove_tree(staging)
@@ -41,7 +44,7 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
         raise
     faults.point("upload_sent")  # crash tests: the files are there, not yet verified
     bad = _mismatches(host, staging, manifest)
-    changed = [rel for rel in bad if _local_hash(local_dir, rel) != manifest[rel]]
+    changed = [rel for rel in bad if case_reader.sha256_or_none(local_dir, rel) != manifest[rel]]
     if changed:  # not the transfer's fault: sending it again would not help
         host.remove_tree(staging)  # nor should what was sent stay on the cluster
         raise ValidationError(f"{changed[0]} changed in the case folder after the case was validated (was it still "
@@ -51,13 +54,6 @@ def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, mani
                             f"(first: {bad[0]}); the case will be uploaded again")
     host.rename(staging, remote_dir)
     return {"files": len(todo), "bytes": sent}
-
-
-def _local_hash(local_dir: Path, rel: str) -> str | None:
-    try:
-        return case_file_sha256(local_dir, rel)
-    except (OSError, ValidationError):
-        return None
 
 
 def _mismatches(host: Host, remote_dir: PurePosixPath, manifest: dict[str, str]) -> list[str]:

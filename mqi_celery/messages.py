@@ -19,6 +19,7 @@ COMPONENT = {
     "inbox_entry_refused": "scanner",
     "inbox_unavailable": "scanner",
     "inbox_available": "scanner",
+    "case_dropped_again": "scanner",
     "upload_success": "transfer",
     "upload_failed": "transfer",
     "download_success": "transfer",

@@ -30,9 +30,10 @@ CASE_TRANSITIONS: dict[CaseStatus, frozenset[CaseStatus]] = {
     CaseStatus.NEW: frozenset({CaseStatus.QUEUED, CaseStatus.FAILED}),
     CaseStatus.QUEUED: frozenset({CaseStatus.PROCESSING, CaseStatus.FAILED}),
     CaseStatus.PROCESSING: frozenset({CaseStatus.COMPLETED, CaseStatus.FAILED}),
-    # A finished case can be run again on request (``mqi cases retry``).
-    CaseStatus.COMPLETED: frozenset({CaseStatus.QUEUED}),
-    CaseStatus.FAILED: frozenset({CaseStatus.QUEUED}),
+    # A finished case can be run again on request (``mqi cases retry``), or from validation
+    # when its folder holds other content (``conductor.run_again``).
+    CaseStatus.COMPLETED: frozenset({CaseStatus.QUEUED, CaseStatus.NEW}),
+    CaseStatus.FAILED: frozenset({CaseStatus.QUEUED, CaseStatus.NEW}),
 }
 
 JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -59,6 +60,10 @@ POLLER_STARTS = (WAITING, UNSENT, UNSENT_SUBMITTED)
 # Step of a NEW case whose validation failed while its files were still changing (a copy in
 # progress): the scanner validates it again once nothing in it changed for settle_seconds.
 SETTLING = "settling"
+
+# Step of a case failed because its folder changed under it while it ran: the scanner runs
+# it again from validation once the new content has settled.
+FOLDER_CHANGED = "folder changed"
 
 # The stages of a case's work, in order (see conductor.workflow). "run" belongs to the
 # poller and holds no lease; the others are leased to the dispatch that runs them.

@@ -18,7 +18,7 @@ from .errors import ConnectionError_
 from .models import ACTIVE_CASE, Case, CaseStatus, Job, JobStatus
 
 # The Alembic head: a database at it is read without Alembic (a test keeps them equal).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 HOST_EVENTS = ("host_unreachable", "host_reachable")
 _ACTIVE = tuple(s.value for s in ACTIVE_CASE)
 CASE_COLUMNS = ("case_id", "path", "status", "step", "error", "trace_id", "study_uid", "attempts", "stage",

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from celery import signals
 
-from . import case_reader, delivery_log, inbox_watch, messages, runtime
+from . import case_reader, delivery_log, inbox_watch, logs, messages, runtime
 from .celery_app import app
-from .conductor import admit, request_admission
+from .conductor import admit, fail_case, request_admission, run_again
 from .db import utcnow
 from .errors import MQIError
-from .models import CaseStatus
+from .models import ACTIVE_CASE, FOLDER_CHANGED, CaseStatus
 from .naming import case_id_for, inbox_fault, is_utf8, shown
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ class Finding:
 
 
 def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Container[str] = (),
-           recheck: Container[str] = (), walked: Callable[[Path], None] | None = None) -> Iterator[Finding]:
+           recheck: Container[str] = (), walked: Callable[[Path], None] | None = None,
+           changed: Callable[[os.DirEntry], bool] | None = None) -> Iterator[Finding]:
     """Case folders and problems under the inbox, not descending into a case once found.
     ``inbox`` must be a real path (no link in it) for the inside/outside judgement. Folders
-    in ``known`` (registered cases) are neither read nor reported, unless in ``recheck``:
-    a year of cases in the inbox costs one look at each name. ``walked`` is told each
-    folder looked into for cases (the inbox and the folders between it and the cases)."""
+    in ``known`` (registered cases) are neither read nor reported, unless in ``recheck``
+    or ``changed`` says so: a year of cases in the inbox costs one look at each name (and
+    its change time). ``walked`` is told each folder looked into for cases (the inbox and
+    the folders between it and the cases)."""
     holds_cases: set[Path] = set()  # folders with a registered case somewhere below: never one entry
 
     def walk(folder: Path, depth: int) -> Iterator[Finding]:
@@ -70,7 +72,7 @@ def survey(inbox: Path, max_depth: int, marker: str = "_CASE_READY", known: Cont
         for entry in _entries(folder, marker):
             if entry.path in known and entry.is_dir(follow_symlinks=False):
                 holds_cases.add(folder)
-                if entry.path in recheck:
+                if entry.path in recheck or (changed is not None and changed(entry)):
                     yield Finding(Path(entry.path))
                 continue
             path = Path(entry.path)
@@ -205,13 +207,21 @@ class KnownPaths:
 
     def __init__(self):
         self.paths: set[str] = set()
+        self.checked: dict[str, float] = {}  # path -> when its content was last checked
         self.since: datetime | None = None
 
     def refresh(self, store) -> set[str]:
         now = utcnow()
         self.paths |= store.known_paths(self.since)
+        self.checked.update(store.checked_since(self.since))
         self.since = now - self.OVERLAP
         return self.paths
+
+    def changed(self, entry: os.DirEntry) -> bool:
+        """The validated case folder changed at its top level (a folder added or removed,
+        the folder itself replaced) after its content was last checked: one lstat."""
+        checked = self.checked.get(entry.path)
+        return checked is not None and entry.stat(follow_symlinks=False).st_ctime > checked
 
 
 _known: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # per store (tests make several)
@@ -245,6 +255,42 @@ def _revalidate_if_replaced(case_dir: Path, case_id: str, failed_at, inbox: Path
 
         log.info("case %s changed after it failed validation: validating it again", case_id)
         retry_case(case_id)
+
+
+def look_again(path: Path, inbox: Path, index: KnownPaths, unsettled: dict[str, str], admit_case) -> None:
+    """A validated case whose folder changed after its content was last checked. Nothing
+    that matters changed (a marker, the same bytes copied again): noted. Its files changed
+    while it runs: it fails saying what changed (its results would not be of what was
+    validated). The next export dropped at a finished case's path, or a case failed for a
+    change: it runs again from validation once the folder has settled."""
+    settings, store = runtime.settings(), runtime.store()
+    found = store.content_check(str(path))
+    if found is None:  # being validated again: nothing to compare with yet
+        index.checked.pop(str(path), None)
+        return
+    case, checked = found
+    began = time.time()
+    change = case_reader.changes_since(path, case.manifest, checked, settings.scanner.marker)
+    with logs.bound(case.trace_id):
+        if change.what is None:
+            if change.touched:  # looked at once: not again until something else changes
+                store.update_case(case.case_id, checked_at=datetime.fromtimestamp(began, timezone.utc)
+                                  .replace(tzinfo=None))
+                index.checked[str(path)] = began
+            return
+        if case.status in ACTIVE_CASE:
+            reason = (f"its folder changed while the case ran: {change.what}; its results would not be of what was "
+                      f"validated. It runs again from validation once nothing in the folder changed for "
+                      f"scanner.settle_seconds ({settings.scanner.settle_seconds:g} s)")
+            if fail_case(case.case_id, reason):
+                store.update_case(case.case_id, step=FOLDER_CHANGED)
+            return
+        if not settled(path, settings.scanner.settle_seconds):
+            unsettled[shown(os.path.relpath(path, inbox))] = (
+                f"case {case.case_id}, dropped again ({change.what}): it runs again once nothing in it changed "
+                f"for scanner.settle_seconds ({settings.scanner.settle_seconds:g} s)")
+            return
+        run_again(case.case_id, change.what, admit_case)
 
 
 class InboxError(MQIError):
@@ -301,18 +347,27 @@ def _scan(admit_case) -> list[str]:
     unsettled: dict[str, str] = {}  # entry -> what to show while it settles
     waiting = WAITING.format(seconds=settings.scanner.settle_seconds, marker=settings.scanner.marker)
     registered = []
-    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known, recheck=invalid):
+    looked: set[str] = set()
+
+    def look(path: Path) -> None:
+        looked.add(str(path))
+        try:
+            if str(path) in invalid:
+                _revalidate_if_replaced(path, *invalid[str(path)], inbox, settings)
+            else:
+                look_again(path, inbox, index, unsettled, admit_case)
+        except FileNotFoundError:
+            pass  # removed while we looked
+        except Exception as exc:  # noqa: BLE001 - one folder must not stop the scan of the others
+            if infrastructure_fault(exc):
+                raise
+            log.warning("case folder %s could not be checked for a new drop",
+                        shown(os.path.relpath(path, inbox)), exc_info=True)
+
+    for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known, recheck=invalid,
+                          changed=index.changed):
         if finding.problem is None and str(finding.path) in known:  # most of a year's inbox: keep it cheap
-            if str(finding.path) in invalid:
-                try:
-                    _revalidate_if_replaced(finding.path, *invalid[str(finding.path)], inbox, settings)
-                except FileNotFoundError:
-                    pass  # removed while we looked
-                except Exception as exc:  # noqa: BLE001 - one folder must not stop the scan of the others
-                    if infrastructure_fault(exc):
-                        raise
-                    log.warning("case folder %s could not be checked for a new drop",
-                                shown(os.path.relpath(finding.path, inbox)), exc_info=True)
+            look(finding.path)
             continue
         where = shown(os.path.relpath(finding.path, inbox))
         try:
@@ -337,10 +392,13 @@ def _scan(admit_case) -> list[str]:
                               "(details in the log); fix it or remove it"
             if recorded.get(where) != problems[where]:  # logged once, not on every scan
                 log.warning("inbox entry %s could not be scanned", where, exc_info=True)
+    for path in store.active_checked_paths():  # cases at work: their files must stay as validated
+        if path not in looked:
+            look(Path(path))
     if stray := stray_marker(inbox, settings.scanner.marker):
         problems[settings.scanner.marker] = stray
     _admit_settled(admit_case, settings.scanner.settle_seconds)
-    _record({**unsettled, **problems}, recorded, waiting)
+    _record({**unsettled, **problems}, recorded, quiet=set(unsettled))
     return registered
 
 
@@ -363,13 +421,13 @@ def _admit_settled(admit_case, settle_seconds: float) -> None:
             admit_case(case_id)
 
 
-def _record(current: dict[str, str], recorded: dict[str, str], waiting: str) -> None:
+def _record(current: dict[str, str], recorded: dict[str, str], quiet: set[str]) -> None:
     """Store what the inbox holds that is not (yet) a case; each new problem is announced
-    once (an entry still settling is shown, not announced)."""
+    once (an entry still settling, ``quiet``, is shown, not announced)."""
     if current == recorded:
         return
     for where in runtime.store().replace_inbox_problems(current, recorded):
-        if current[where] != waiting:
+        if where not in quiet:
             messages.emit("inbox_entry_refused", {"entry": where, "reason": current[where]})
 
 

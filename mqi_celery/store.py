@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import Engine, exists, or_, select, update
+from sqlalchemy import Engine, delete, exists, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from . import db, reads
 from .host_records import HostRecords
-from .models import (ACTIVE_CASE, POLLER_STARTS, SETTLING, TERMINAL_JOB, UNSENT, WAITING, Case, CaseStatus,  # noqa: F401
-                     Job, JobStatus, check_transition)
+from .models import (ACTIVE_CASE, FOLDER_CHANGED, POLLER_STARTS, SETTLING, TERMINAL_JOB, UNSENT,  # noqa: F401
+                     WAITING, Case, CaseStatus, Job, JobStatus, check_transition)
 
 _ACTIVE = [s.value for s in ACTIVE_CASE]
 _LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
@@ -38,6 +38,10 @@ class NewJob:
 
 def _case(row: db.CaseRow) -> Case:
     return reads.case_of({c: getattr(row, c) for c in reads.CASE_COLUMNS})
+
+
+def _epoch(when: datetime) -> float:
+    return when.replace(tzinfo=timezone.utc).timestamp()  # stored naive, in UTC
 
 
 def _job(row: db.JobRow) -> Job:
@@ -119,6 +123,52 @@ class Store(HostRecords, reads.CaseReads):
             rows = s.execute(select(db.CaseRow.case_id, db.CaseRow.manifest).where(
                 db.CaseRow.study_uid == study_uid, db.CaseRow.case_id != case_id))
             return next((other for other, files in rows if files == manifest), None)
+
+    # --- a case folder's content against what was validated (scanner.look_again) ------
+    def checked_since(self, since: datetime | None = None) -> dict[str, float]:
+        """Path -> when its content was last known to be what was validated (seconds since
+        the epoch), for the cases changed since ``since`` (indexed; all when None)."""
+        with self.session() as s:
+            stmt = select(db.CaseRow.path, db.CaseRow.checked_at).where(db.CaseRow.checked_at.is_not(None))
+            if since is not None:
+                stmt = stmt.where(db.CaseRow.updated_at >= since)
+            return {path: _epoch(when) for path, when in s.execute(stmt)}
+
+    def content_check(self, path: str) -> tuple[Case, float] | None:
+        """The case registered at ``path`` and when its content was last checked (None when
+        it was never validated: nothing to compare with)."""
+        with self.session() as s:
+            row = s.scalars(select(db.CaseRow).where(db.CaseRow.path == path)).one_or_none()
+            return None if row is None or row.checked_at is None else (_case(row), _epoch(row.checked_at))
+
+    def active_checked_paths(self) -> list[str]:
+        """Folders of the validated cases still in the pipeline (their files must stay as
+        they were), and of those failed because they changed (they run again once settled)."""
+        with self.session() as s:
+            return list(s.scalars(select(db.CaseRow.path).where(
+                or_(db.CaseRow.status.in_([CaseStatus.QUEUED.value, CaseStatus.PROCESSING.value]),
+                    (db.CaseRow.status == CaseStatus.FAILED.value) & (db.CaseRow.step == FOLDER_CHANGED)),
+                db.CaseRow.checked_at.is_not(None))))
+
+    def new_run(self, case_id: str, lease_seconds: float, event: dict[str, Any]) -> Case | None:
+        """A finished case starts again from validation (its folder holds other content now):
+        its beams are forgotten (the new content says which there are), its run counted, and
+        ``event`` (``messages.prepare``) recorded with it. None unless it was COMPLETED or FAILED."""
+        with self.session() as s:
+            row = self._lock(s, db.CaseRow, db.CaseRow.case_id == case_id).one_or_none()
+            if row is None or row.status not in (CaseStatus.COMPLETED.value, CaseStatus.FAILED.value):
+                return None
+            check_transition("case", CaseStatus(row.status), CaseStatus.NEW)
+            s.execute(delete(db.JobRow).where(db.JobRow.case_id == case_id))
+            for name, value in dict(status=CaseStatus.NEW.value, step=None, error=None, stage=None, manifest={},
+                                    study_uid=None, attempts=row.attempts + 1, reconciles=0, wait_reason=None,
+                                    checked_at=None, lease_until=db.utcnow() + timedelta(seconds=lease_seconds),
+                                    updated_at=db.utcnow()).items():
+                setattr(row, name, value)
+            s.add(db.EventRow(case_id=case_id, command=event["command"], payload=event["payload"],
+                              correlation_id=event["correlation_id"]))
+            s.flush()
+            return _case(row)
 
     def settling_cases(self) -> list[tuple[str, str]]:
         """(case id, path) of cases whose validation waits for their folder to settle."""
@@ -284,7 +334,6 @@ class Store(HostRecords, reads.CaseReads):
         """Make the stored problems ``current`` (``recorded``: what the caller read before);
         returns the entries that are new or have a new reason. Of two scans racing, the
         loser changes nothing (the next scan catches up)."""
-        from sqlalchemy import delete
         from sqlalchemy.exc import IntegrityError
 
         changed = [e for e, r in current.items() if recorded.get(e) != r]

@@ -153,6 +153,35 @@ def test_cancel_stops_a_running_case(embedded, failing_engine):
     poll_until(lambda: not _group_alive(pgid), 15, what="the hung engine and its wrapper to be killed")
 
 
+def test_a_case_folder_replaced_while_its_case_runs_stops_it_then_runs_the_new_content(embedded, failing_engine,
+                                                                                        tmp_path):
+    """A copy without beam 4 replaces the folder while beam 4 runs: the run stops saying what
+    changed (never completing beam 4 from the old content), and the new content is
+    validated and computed as the case's next run."""
+    import shutil
+
+    from tests.casegen import BEAMS
+
+    script, _flags = failing_engine
+    run = embedded(engine={"command": f"sh {script} {{input_file}} {{job_dir}}", "timeout_seconds": 300})
+    case_dir = make_case(run.inbox, "replaced")
+    (case_dir / "FAIL_MODE").write_text("hang")
+    (case_dir / "_CASE_READY").touch()
+    run.wait_case("replaced", statuses=("PROCESSING",), timeout=60)
+    poll_until(lambda: any(j["status"] == "RUNNING" for j in run.mqi_json("cases", "show", "replaced")["jobs"]),
+               60, what="a beam running")
+    new_copy = make_case(tmp_path / "staging", "replaced", marker=True)  # the new export, without beam 4
+    shutil.rmtree(new_copy / BEAMS[4])
+    shutil.rmtree(case_dir)
+    new_copy.rename(case_dir)
+    case = run.wait_case("replaced", statuses=("COMPLETED",), timeout=120)  # failed in between: below
+    assert [(j["beam"], j["status"]) for j in case["jobs"]] == [(2, "COMPLETED"), (3, "COMPLETED")]
+    failed = next(e["payload"]["reason"] for e in case["events"] if e["command"] == "case_failed")
+    assert failed.startswith("its folder changed while the case ran"), failed
+    [again] = [e["payload"] for e in case["events"] if e["command"] == "case_dropped_again"]
+    assert again["run"] == 2, again
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

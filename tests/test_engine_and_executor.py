@@ -103,6 +103,9 @@ def test_upload_is_verified_and_resends_only_differences(tmp_path):
     sent = upload_verified(host, case, dest, files)
     assert sent["files"] == 2 and not Path(str(dest) + ".staging").exists()
     assert host.sha256(dest, sorted(files)) == files
+    Path(dest / "FAIL_MODE").write_text("left by an earlier export")  # the engine must never see it
+    assert upload_verified(host, case, dest, files)["files"] == len(files)
+    assert host.list_files(dest) == sorted(files)
 
 
 def test_a_case_changed_after_validation_fails_its_upload_saying_so(tmp_path):

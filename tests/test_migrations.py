@@ -64,7 +64,7 @@ def test_upgrade_from_the_first_schema_resumes_unfinished_cases(kind, tmp_path):
         job = store.get_job("running", 2)
         assert (job.resubmits, job.judge_attempts) == (0, 0)
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == db.SCHEMA_REVISION
         engine.dispose()
 
 

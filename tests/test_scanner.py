@@ -278,3 +278,101 @@ def test_a_folder_holding_registered_cases_is_never_judged_as_one_entry(config_f
     scan_once(admit_case=lambda case_id: None)
     problems = runtime.store().inbox_problems()
     assert "G1" not in problems and len(problems) == 150  # each named: the folder is not to be removed
+
+
+def _finish(case_id: str) -> None:
+    store = runtime.store()
+    store.update_case(case_id, status=CaseStatus.PROCESSING)
+    store.update_case(case_id, status=CaseStatus.COMPLETED, stage=None, lease_until=None)
+
+
+def test_the_next_export_dropped_at_a_finished_cases_path_is_a_new_run_of_it(config_file, monkeypatch):
+    """The case folder has an identity beyond its path: the next fraction's export copied
+    to a finished case's path is validated and run again (a new run, said in an event); a
+    marker or a hidden file added later is not a new export."""
+    import shutil
+
+    import mqi_celery.case_reader as case_reader
+
+    dispatched = []
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", dispatched.append)
+    config_file(scanner={"settle_seconds": 1})
+    inbox, store = runtime.settings().paths.inbox, runtime.store()
+    case = make_case(inbox, "fraction", marker=True)
+    assert scan_once() == ["fraction"]
+    first = store.get_case("fraction")
+    _finish("fraction")
+    (case / ".DS_Store").write_bytes(b"browsed")  # a person looked at it: not a new export
+    (case / "_CASE_READY").unlink()
+    (case / "_CASE_READY").touch()
+    looked = []
+    real = case_reader.changes_since
+    monkeypatch.setattr(case_reader, "changes_since", lambda *a: looked.append(a[0]) or real(*a))
+    scan_once()
+    scan_once()
+    assert looked == [case]  # looked at once, then known unchanged
+    assert store.get_case("fraction").status is CaseStatus.COMPLETED
+
+    results = runtime.settings().paths.results / "fraction"
+    results.mkdir(parents=True)
+    (results / "fraction_beam2_dose.dcm").write_bytes(b"first fraction's dose")
+    shutil.rmtree(case)
+    make_case(inbox, "fraction", rows_per_layer=3, marker=True)  # the next fraction, same folder name
+    case_now = poll_until(lambda: (scan_once() or True) and (c := store.get_case("fraction"))
+                          and c.status is CaseStatus.QUEUED and c, 60, 0.5, "the new export to be validated")
+    assert case_now.attempts == first.attempts + 1 and case_now.manifest != first.manifest
+    assert [j.status.name for j in case_now.jobs] == ["PENDING"] * 3 and dispatched == ["fraction", "fraction"]
+    [again] = [e for e in store.events("fraction") if e["command"] == "case_dropped_again"]
+    assert again["payload"]["run"] == 2 and "changed" in again["payload"]["changed"], again
+    [kept] = (results / "earlier").glob("*/fraction_beam2_dose.dcm")  # the first run's dose stays
+    assert kept.read_bytes() == b"first fraction's dose" and not (results / "fraction_beam2_dose.dcm").exists()
+
+
+def test_files_changed_under_a_running_case_fail_it_saying_what_then_it_runs_again(config_file, monkeypatch):
+    """A case folder replaced while its case runs (a copy without beam 4): the run stops,
+    saying what changed, instead of completing beam 4 from the old content; once the new
+    content has settled it is validated and runs again."""
+    import shutil
+
+    from mqi_celery.case_reader import changes_since
+    from mqi_celery.models import FOLDER_CHANGED
+    from tests.casegen import BEAMS
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda case_id: None)
+    config_file(scanner={"settle_seconds": 1})
+    inbox, store = runtime.settings().paths.inbox, runtime.store()
+    case = make_case(inbox, "running", marker=True)
+    scan_once()
+    assert store.get_case("running").status is CaseStatus.QUEUED
+    assert changes_since(case, store.get_case("running").manifest, time.time() - 3600, "_CASE_READY").what is None
+    shutil.rmtree(case / BEAMS[4])
+    scan_once()
+    failed = store.get_case("running")
+    assert failed.status is CaseStatus.FAILED and failed.step == FOLDER_CHANGED
+    assert failed.error.startswith(f"its folder changed while the case ran: 86 file(s) removed (in {BEAMS[4]})"), \
+        failed.error
+    again = poll_until(lambda: (scan_once() or True) and (c := store.get_case("running"))
+                       and c.status is CaseStatus.QUEUED and c, 60, 0.5, "the changed case to run again")
+    assert [j.beam for j in again.jobs] == [2, 3]
+
+
+def test_what_changed_in_a_case_folder_is_told_by_content_not_by_dates(tmp_path):
+    from mqi_celery.case_reader import changes_since
+    from mqi_celery.conductor import case_reader
+    from tests.casegen import BEAMS
+
+    case = make_case(tmp_path, "c")
+    files = case_reader.manifest(case, "_CASE_READY")
+    checked = time.time()
+    time.sleep(0.02)  # change times after the check (the clock's granularity)
+    plan = next(case.glob("RP*.dcm"))
+    os.chmod(plan, 0o600)  # touched, same bytes
+    (case / "_CASE_READY").touch()
+    same = changes_since(case, files, checked, "_CASE_READY")
+    assert same.what is None and same.touched
+    ptn = next((case / BEAMS[2]).glob("*.ptn"))
+    ptn.write_bytes(bytes(reversed(ptn.read_bytes())) + b"x")
+    (case / "notes").mkdir()
+    (case / "notes" / "a.txt").write_text("added")
+    assert changes_since(case, files, checked, "_CASE_READY").what == \
+        f"1 file(s) added, 1 file(s) changed (in {BEAMS[2]}, notes)"
