@@ -73,7 +73,8 @@ def fill(folder: Path, cases: int, seed: int = 7) -> list[str]:
                                   step="finished", error="beam 3 (G2): engine exited with code 3" if failed else None,
                                   trace_id=hashlib.md5(case_id.encode()).hexdigest(), study_uid=case_id,
                                   manifest=manifest, attempts=0, stage="collect", dispatch=1, reconciles=0,
-                                  created_at=made, updated_at=made + timedelta(minutes=9)))
+                                  created_at=made, updated_at=made + timedelta(minutes=9),
+                                  checked_at=db.utcnow()))  # its folder, just written, is what was validated
             for beam in (2, 3, 4):
                 job_rows.append(dict(case_id=case_id, beam=beam, beam_name=f"G2:{beam}", delivery_dir=f"d{beam}",
                                      status="FAILED" if failed and beam == 3 else "COMPLETED", step="finished",

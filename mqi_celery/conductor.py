@@ -103,7 +103,7 @@ def admit(case_id: str) -> bool:
             files = case_reader.manifest(case_dir, settings.scanner.marker, leave_out=info.unused)
         except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the case fails with a reason
             if infrastructure_fault(exc):
-                raise  # the database is down: the lease runs out, the reconciler validates again
+                raise  # the database is down: the task is retried while it lasts (tasks.PipelineTask)
             if not isinstance(exc, ValidationError):
                 log.warning("case %s: unexpected fault during validation", case_id, exc_info=True)
             elif _still_copying(case_dir, settings.scanner.settle_seconds):
@@ -150,7 +150,7 @@ def _still_copying(case_dir: Path, settle_seconds: float) -> bool:
         return False  # removed meanwhile: validation says so
 
 
-@app.task(name="mqi.admit_case", ignore_result=True)
+@app.task(name="mqi.admit_case", base=PipelineTask, ignore_result=True)
 def admit_case_task(case_id: str) -> bool:
     """``admit`` for a case the scanner registered (a redelivery finds it admitted already)."""
     case = runtime.store().get_case(case_id)

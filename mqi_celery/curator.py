@@ -10,19 +10,20 @@ import logging
 
 from . import admission, messages, runtime
 from .celery_app import app
+from .tasks import PeriodicTask
 from .status_view import system_status
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="mqi.read_host", ignore_result=True)
+@app.task(name="mqi.read_host", base=PeriodicTask, ignore_result=True)
 def read_host() -> None:
     """A reading on request (the poller's GPUs grew too old to claim one); the curator's
     queue, so no poll ever waits on a host that may hang."""
     admission.take_reading()
 
 
-@app.task(name="mqi.report_system_status", ignore_result=True)
+@app.task(name="mqi.report_system_status", base=PeriodicTask, ignore_result=True)
 def report_system_status() -> dict:
     from .reconciler import resume_parked  # the reconciler's own rule for cases that waited
 

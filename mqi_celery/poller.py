@@ -20,12 +20,12 @@ from .models import JobStatus
 from .naming import remote_job_dir, remote_output_dir
 from .models import POLLER_STARTS
 from .remote_executor import finish, overdue, start_or_wait, submit
-from .tasks import for_case
+from .tasks import PeriodicTask, for_case
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="mqi.poll_jobs", ignore_result=True)
+@app.task(name="mqi.poll_jobs", base=PeriodicTask, ignore_result=True)
 def poll_jobs() -> int:
     """The control loop, once per poll interval: one scheduler query for every active job
     of the host, a verdict on each job that ended, and finished cases moved on to collect.

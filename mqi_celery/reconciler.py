@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from . import admission, logs, messages, runtime
 from .celery_app import app
+from .tasks import PeriodicTask
 from .conductor import admit, dispatch, fail_case, request_admission
 from .db import utcnow
 from .models import CaseStatus
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 STAGE_QUEUE = {"upload": "transfer", "submit": "execute", "collect": "transfer"}
 
 
-@app.task(name="mqi.reconcile", ignore_result=True)
+@app.task(name="mqi.reconcile", base=PeriodicTask, ignore_result=True)
 def reconcile(startup: bool = False) -> dict:
     return reconcile_once(startup=startup)
 
@@ -74,7 +75,7 @@ def _why(case) -> str:
             f"installation restarted); dispatched again")
 
 
-@app.task(name="mqi.resume_parked", ignore_result=True)
+@app.task(name="mqi.resume_parked", base=PeriodicTask, ignore_result=True)
 def resume_parked_task() -> int:
     """``resume_parked`` on request: a transfer ended and cases wait for its slot."""
     return resume_parked()

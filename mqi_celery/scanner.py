@@ -28,6 +28,7 @@ from celery import signals
 
 from . import case_reader, delivery_log, inbox_watch, logs, messages, runtime
 from .celery_app import app
+from .tasks import PeriodicTask, infrastructure_fault
 from .conductor import admit, fail_case, request_admission, run_again
 from .db import utcnow
 from .errors import MQIError
@@ -331,8 +332,6 @@ def scan_once(admit_case=admit) -> list[str]:
 
 
 def _scan(admit_case) -> list[str]:
-    from .tasks import infrastructure_fault
-
     settings, store = runtime.settings(), runtime.store()
     inbox = Path(os.path.realpath(settings.paths.inbox))
     fault = inbox_fault(inbox)
@@ -431,7 +430,7 @@ def _record(current: dict[str, str], recorded: dict[str, str], quiet: set[str]) 
             messages.emit("inbox_entry_refused", {"entry": where, "reason": current[where]})
 
 
-@app.task(name="mqi.scan_inbox", ignore_result=True)
+@app.task(name="mqi.scan_inbox", base=PeriodicTask, ignore_result=True)
 def scan_inbox() -> int:
     """The periodic scan costs registration only: validating (reading plans, hashing every
     file) is the conductor's work, one message per new case (one the broker does not take

@@ -147,6 +147,22 @@ class PipelineTask(Task):
                 pass  # the database is down too: the lease is the last resort
 
 
+class PeriodicTask(Task):
+    """Base of beat's periodic work (scan, poll, reconcile, curator): its next run is its
+    retry, so an outage of the database or broker is one warning line per run, not a
+    traceback; anything else is a fault to see in full."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not infrastructure_fault(exc):
+                raise
+            log.warning("%s: the %s is unreachable; its next run tries again: %s", self.name,
+                        "database" if _database_fault(exc) else "broker", str(exc).splitlines()[0])
+            return None
+
+
 def _lease() -> float:
     return runtime.settings().reconciler.lease_seconds
 

@@ -155,3 +155,32 @@ def test_without_the_database_either_the_refused_message_goes_back_to_the_broker
     FAULTS.append(TransferError("the link dropped"))
     result = probe.apply(("c1",), {"dispatch": case.dispatch})
     assert result.state == "REJECTED" and result.result.requeue is True
+
+
+def test_periodic_work_meets_an_outage_with_one_line_and_its_next_run(caplog):
+    """Beat's tasks run again by themselves: a database outage is a warning line, no
+    traceback; a fault of the code still raises."""
+    from mqi_celery.tasks import PeriodicTask
+
+    faults = [OperationalError("SELECT 1", {}, Exception("connection refused")), ValueError("a bug")]
+
+    @app.task(name="mqi.test_periodic_probe", base=PeriodicTask)
+    def periodic():
+        raise faults.pop(0)
+
+    assert periodic.apply().result is None
+    [line] = [r for r in caplog.records if "test_periodic_probe" in r.getMessage()]
+    assert "database is unreachable; its next run tries again" in line.getMessage() and line.exc_info is None
+    assert periodic.apply().state == "FAILURE"
+
+
+def test_a_validation_that_meets_a_database_outage_is_retried_not_left_to_the_lease(case, monkeypatch):
+    from mqi_celery.conductor import admit_case_task
+
+    calls = _retried_with(monkeypatch)
+    runtime.store().register_case("c2", "/inbox/c2")
+    monkeypatch.setattr("mqi_celery.conductor.admit", lambda case_id: (_ for _ in ()).throw(
+        OperationalError("SELECT 1", {}, Exception("connection refused"))))
+    with pytest.raises(Retry):
+        admit_case_task.apply(("c2",), throw=True)
+    assert calls[0]["kwargs"]["outages"] == 1
