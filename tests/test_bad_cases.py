@@ -5,6 +5,7 @@ case or an inbox entry with a reason that names the file and the fix; nothing ou
 inbox is read; nothing is registered twice; the valid cases beside them go on."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -252,6 +253,10 @@ def test_the_whole_corpus_at_once_through_the_embedded_pipeline(embedded, tmp_pa
     listing = run.mqi("cases", "list").stdout
     assert "not registered as a case" in listing and "empty_folder" in listing
     assert run.stop() == 0
+    # For the record (the closing note's table): case -> status -> reason, or inbox entry.
+    rows = [(b.name, by_id[i]["status"], by_id[i]["error"] or "") for i, b in registering.items()]
+    rows += [(refused[p["entry"]].name, "inbox entry", p["reason"]) for p in problems]
+    print("\nCORPUS-TABLE", json.dumps(sorted(rows)))
 
 
 def test_a_case_changed_after_validation_fails_its_upload_and_a_retry_validates_it_again(config_file, monkeypatch):
