@@ -317,9 +317,12 @@ class Store(HostRecords, reads.CaseReads):
                 db.CaseRow.status.in_(_ACTIVE), db.CaseRow.wait_reason.is_not(None))))
 
     def void_leases(self) -> int:
-        """At start-up of a whole installation no task can be alive: every lease is void."""
+        """At start-up of a whole installation no task can be alive: every lease is void, and
+        so is its dispatch. A task of it still queued must not take the lease again (one beam's
+        submit would hold the case while its sibling's message died with the crash): it finds
+        itself superseded, and the reconciler dispatches the case again."""
         stmt = (update(db.CaseRow).where(db.CaseRow.status.in_(_ACTIVE), db.CaseRow.lease_until.is_not(None))
-                .values(lease_until=db.utcnow() - timedelta(seconds=1)))
+                .values(lease_until=db.utcnow() - timedelta(seconds=1), dispatch=db.CaseRow.dispatch + 1))
         with self.session() as s:
             return s.execute(stmt.execution_options(synchronize_session=False)).rowcount
 
