@@ -361,32 +361,49 @@ def manifest(case_dir: Path, marker: str, *, leave_out=()) -> dict[str, str]:
 class FolderChange:
     """What differs in a case folder from what was validated (its manifest). ``touched``:
     something changed after ``since`` even when its content did not (a marker, a copy of
-    the same bytes)."""
+    the same bytes, ``chmod -R``). ``new_content``: files added or changed, not only removed."""
     what: str | None
     touched: bool
+    new_content: bool = False
 
 
-def changes_since(case_dir: Path, manifest: dict[str, str], since: float, marker: str) -> FolderChange:
+# Change times are the file server's clock, the check time ours: a file changed this long
+# before the check is looked at too (only its content decides, so this costs a hash).
+CLOCK_MARGIN_SECONDS = 5.0
+
+
+def _raise(exc: OSError) -> None:
+    raise exc  # a folder that cannot be read now is not a folder whose files went away
+
+
+def changes_since(case_dir: Path, manifest: dict[str, str], since: float, marker: str,
+                  left_out=()) -> FolderChange:
     """Files added, removed or changed in content since ``since`` (a change time in
-    seconds): only files changed after it are read. Counts and folders, no file names (a
-    .mgn name carries the patient id). Hidden entries and the marker are not content."""
+    seconds): only files changed after it are read. ``left_out``: files that were there at
+    validation but not part of the case (layer files no row names). Counts and folders, no
+    file names (a .mgn name carries the patient id). Hidden entries and the marker are not
+    content."""
+    since -= CLOCK_MARGIN_SECONDS
+    left_out = set(left_out)
     added, changed, present, touched = [], [], set(), os.lstat(case_dir).st_ctime > since
-    for root, dirs, files in os.walk(case_dir):
+    for root, dirs, files in os.walk(case_dir, onerror=_raise):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_root = PurePosixPath(os.path.relpath(root, case_dir))
         for name in files:
             rel = str(rel_root / name) if str(rel_root) != "." else name
             if name.startswith(".") or rel == marker:
                 continue
-            present.add(rel)
             try:
                 newer = os.lstat(os.path.join(root, name)).st_ctime > since
             except FileNotFoundError:
                 continue  # going away now: counted as removed
+            present.add(rel)
             touched |= newer
-            if newer and rel not in manifest:
+            if not newer or rel in left_out:
+                continue
+            if rel not in manifest:
                 added.append(rel)
-            elif newer and sha256_or_none(case_dir, rel) != manifest[rel]:
+            elif sha256_or_none(case_dir, rel) != manifest[rel]:
                 changed.append(rel)
     removed = [rel for rel in manifest if rel not in present]
     if not (added or changed or removed):
@@ -396,7 +413,7 @@ def changes_since(case_dir: Path, manifest: dict[str, str], since: float, marker
     folders = sorted({rel.split("/", 1)[0] if "/" in rel else "." for rel in added + removed + changed})
     where = ", ".join("the case folder itself" if f == "." else shown(f) for f in folders[:5])
     more = f" and {len(folders) - 5} more" if len(folders) > 5 else ""
-    return FolderChange(f"{', '.join(counts)} (in {where}{more})", True)
+    return FolderChange(f"{', '.join(counts)} (in {where}{more})", True, bool(added or changed))
 
 
 def sha256_or_none(case_dir: Path, rel: str) -> str | None:

@@ -32,7 +32,7 @@ from .celery_app import app
 from .errors import MQIError, ValidationError, case_removed, describe
 from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
-from .models import SETTLING, TERMINAL_CASE, Case, CaseStatus, JobStatus
+from .models import FOLDER_CHANGED, SETTLING, TERMINAL_CASE, Case, CaseStatus, JobStatus
 from .naming import remote_job_dir, shown
 from .remote_executor import submit_beam
 from .store import NewJob
@@ -121,7 +121,7 @@ def admit(case_id: str) -> bool:
             return False
         store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
         store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
-                          study_uid=info.study_uid, stage="upload", checked_at=began,
+                          study_uid=info.study_uid, stage="upload", checked_at=began, left_out=list(info.unused),
                           lease_until=db.utcnow() + timedelta(seconds=settings.reconciler.lease_seconds))
         # No path: nested layouts put the patient id in it; events carry case ids only.
         messages.emit("new_case_found", {"valid": True, "files": len(files),
@@ -295,8 +295,9 @@ def stop_case(case_id: str, reason: str) -> bool:
     return fail_case(case_id, reason)
 
 
-def fail_case(case_id: str, reason: str) -> bool:
-    """Stop a case: kill its live jobs, fail what is unfinished. False if already over."""
+def fail_case(case_id: str, reason: str, step: str | None = None) -> bool:
+    """Stop a case: kill its live jobs, fail what is unfinished (``step``: the step it failed
+    in, when not the one it was in). False if already over."""
     store = runtime.store()
     case = store.get_case(case_id)
     if case is None or case.status in TERMINAL_CASE:
@@ -304,6 +305,7 @@ def fail_case(case_id: str, reason: str) -> bool:
     for job in case.jobs:
         _stop_job(case_id, job, reason)
     if store.update_case(case_id, status=CaseStatus.FAILED, error=reason, lease_until=None, wait_reason=None,
+                         **({"step": step} if step else {}),
                          only_from={CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING}) is None:
         return False
     metrics.case_finished("FAILED", case.created_at, case.step)
@@ -353,15 +355,20 @@ def retry_case(case_id: str) -> Case:
     if case.status not in TERMINAL_CASE:
         raise MQIError(f"case {case_id} is {case.status.value}; only COMPLETED or FAILED cases can be retried")
     with logs.bound(case.trace_id):
+        if case.step == FOLDER_CHANGED:  # its folder holds other content now: a new run of it
+            run_again(case_id, "retried after its folder changed")
+            return store.get_case(case_id)
         return _retry(case)
 
 
 def _retry(case: Case) -> Case:
     store, case_id = runtime.store(), case.case_id
     lease = db.utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds)
+    readmit = case.step == "validation" or not case.jobs or case.stage in (None, "upload")
     # Claim first: of two retries at once (CLI and Flower), one wins, the other is refused.
+    # A case validated again has nothing to compare its folder with until then (scanner.look_again).
     if store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1,
-                         reconciles=0, wait_reason=None, lease_until=lease,
+                         reconciles=0, wait_reason=None, lease_until=lease, **({"checked_at": None} if readmit else {}),
                          only_from={CaseStatus.COMPLETED, CaseStatus.FAILED}) is None:
         raise MQIError(f"case {case_id} is being retried already")
     messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
@@ -370,7 +377,7 @@ def _retry(case: Case) -> Case:
         store.update_job(case_id, job.beam, status=JobStatus.PENDING, error=None, step=None, remote_id=None,
                          remote_state=None, exit_code=None, submitted_at=None, started_at=None,
                          finished_at=None, resubmits=0, judge_attempts=0, results={})
-    if case.step == "validation" or not case.jobs or case.stage in (None, "upload"):
+    if readmit:
         # Nothing uploaded yet, and the folder may have been fixed: validate it again.
         admit(case_id)
         return store.get_case(case_id)

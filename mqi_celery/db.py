@@ -50,6 +50,7 @@ class CaseRow(Base):
     # When the folder's content was last known to be what was validated (the manifest):
     # the scanner looks again at a folder changed after it (scanner.look_again).
     checked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    left_out: Mapped[list | None] = mapped_column(JSON)  # there at validation, not part of the case
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
 
@@ -157,7 +158,9 @@ def make_engine(url: str) -> Engine:
     if parsed.drivername == "postgresql":  # the driver we install (SQLAlchemy 2.1 would pick psycopg 3)
         parsed = parsed.set(drivername="postgresql+psycopg2")
     # A host that drops packets fails a connection in 10 s instead of holding a worker.
-    return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    timeout = {} if "connect_timeout" in parsed.query or parsed.drivername != "postgresql+psycopg2" \
+        else {"connect_timeout": 10}
+    return create_engine(parsed, pool_pre_ping=True, connect_args=timeout)
 
 
 def session_factory(engine: Engine) -> sessionmaker:

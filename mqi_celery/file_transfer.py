@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 def upload_verified(host: Host, local_dir: Path, remote_dir: PurePosixPath, manifest: dict[str, str]) -> dict:
     """Make ``remote_dir`` an exact copy of the manifest's files; returns what was sent."""
     files = sorted(manifest)
-    if host.exists(remote_dir):
-        if set(host.list_files(remote_dir)) - set(manifest):  # an earlier export's: the engine must not see them
-            host.remove_tree(remote_dir)
-        elif _mismatches(host, remote_dir, manifest) == []:
-            return {"files": 0, "bytes": 0}
     staging = remote_dir.with_name(remote_dir.name + ".staging")
+    for folder in (remote_dir, staging):  # files of an earlier export: the engine must never see them
+        if host.exists(folder) and set(host.list_files(folder)) - set(manifest):
+            host.remove_tree(folder)
+    if host.exists(remote_dir) and _mismatches(host, remote_dir, manifest) == []:
+        return {"files": 0, "bytes": 0}
     if host.exists(remote_dir):  # keep what already arrived: only the difference is sent
         host.remove_tree(staging)
         host.rename(remote_dir, staging)

@@ -222,7 +222,10 @@ class KnownPaths:
         """The validated case folder changed at its top level (a folder added or removed,
         the folder itself replaced) after its content was last checked: one lstat."""
         checked = self.checked.get(entry.path)
-        return checked is not None and entry.stat(follow_symlinks=False).st_ctime > checked
+        try:
+            return checked is not None and entry.stat(follow_symlinks=False).st_ctime > checked
+        except OSError:  # gone or unreadable since it was listed: looked at (and said) per folder
+            return True
 
 
 _known: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # per store (tests make several)
@@ -260,38 +263,39 @@ def _revalidate_if_replaced(case_dir: Path, case_id: str, failed_at, inbox: Path
 
 def look_again(path: Path, inbox: Path, index: KnownPaths, unsettled: dict[str, str], admit_case) -> None:
     """A validated case whose folder changed after its content was last checked. Nothing
-    that matters changed (a marker, the same bytes copied again): noted. Its files changed
-    while it runs: it fails saying what changed (its results would not be of what was
-    validated). The next export dropped at a finished case's path, or a case failed for a
-    change: it runs again from validation once the folder has settled."""
+    that matters changed (a marker, the same bytes copied again, files only removed from a
+    finished case): noted. Its files changed while it runs: it fails saying what changed
+    (its results would not be of what was validated). Another export at a finished case's
+    path, or a case failed for a change: it runs again from validation once the folder has
+    settled (a folder still changing is not read)."""
     settings, store = runtime.settings(), runtime.store()
     found = store.content_check(str(path))
     if found is None:  # being validated again: nothing to compare with yet
         index.checked.pop(str(path), None)
         return
-    case, checked = found
+    case, checked, left_out = found
+    marker, settle = settings.scanner.marker, settings.scanner.settle_seconds
+    if case.status not in ACTIVE_CASE and not is_ready(path, inbox, marker, settle):
+        unsettled[shown(os.path.relpath(path, inbox))] = (
+            f"the folder of case {case.case_id} is changing (another export?): looked at again once nothing in it "
+            f"changed for scanner.settle_seconds ({settle:g} s)")
+        return
     began = time.time()
-    change = case_reader.changes_since(path, case.manifest, checked, settings.scanner.marker)
+    change = case_reader.changes_since(path, case.manifest, checked, marker, left_out)
     with logs.bound(case.trace_id):
-        if change.what is None:
-            if change.touched:  # looked at once: not again until something else changes
-                store.update_case(case.case_id, checked_at=datetime.fromtimestamp(began, timezone.utc)
-                                  .replace(tzinfo=None))
-                index.checked[str(path)] = began
-            return
-        if case.status in ACTIVE_CASE:
-            reason = (f"its folder changed while the case ran: {change.what}; its results would not be of what was "
-                      f"validated. It runs again from validation once nothing in the folder changed for "
-                      f"scanner.settle_seconds ({settings.scanner.settle_seconds:g} s)")
-            if fail_case(case.case_id, reason):
-                store.update_case(case.case_id, step=FOLDER_CHANGED)
-            return
-        if not settled(path, settings.scanner.settle_seconds):
-            unsettled[shown(os.path.relpath(path, inbox))] = (
-                f"case {case.case_id}, dropped again ({change.what}): it runs again once nothing in it changed "
-                f"for scanner.settle_seconds ({settings.scanner.settle_seconds:g} s)")
-            return
-        run_again(case.case_id, change.what, admit_case)
+        if case.status in ACTIVE_CASE and change.what is not None:
+            fail_case(case.case_id, f"its folder changed while the case ran: {change.what}; its results would not "
+                                    f"be of what was validated. It runs again from validation once nothing in the "
+                                    f"folder changed for scanner.settle_seconds ({settle:g} s)", step=FOLDER_CHANGED)
+        elif change.what is not None and (change.new_content or case.step == FOLDER_CHANGED):
+            run_again(case.case_id, change.what, admit_case)
+        elif change.touched:  # looked at once: not again until something else changes
+            if change.what is not None:
+                log.info("case %s is finished; files were only removed from its folder (%s): nothing to compute",
+                         case.case_id, change.what)
+            store.update_case(case.case_id, checked_at=datetime.fromtimestamp(began, timezone.utc)
+                              .replace(tzinfo=None))
+            index.checked[str(path)] = began
 
 
 class InboxError(MQIError):
@@ -360,8 +364,10 @@ def _scan(admit_case) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - one folder must not stop the scan of the others
             if infrastructure_fault(exc):
                 raise
-            log.warning("case folder %s could not be checked for a new drop",
-                        shown(os.path.relpath(path, inbox)), exc_info=True)
+            # No message of the fault: it may name a file, and a file name may hold the patient id.
+            log.warning("case folder %s could not be checked for a new drop (%s%s); looked at again at the next scan",
+                        shown(os.path.relpath(path, inbox)), type(exc).__name__,
+                        f", {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else "")
 
     for finding in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known, recheck=invalid,
                           changed=index.changed):

@@ -134,12 +134,14 @@ class Store(HostRecords, reads.CaseReads):
                 stmt = stmt.where(db.CaseRow.updated_at >= since)
             return {path: _epoch(when) for path, when in s.execute(stmt)}
 
-    def content_check(self, path: str) -> tuple[Case, float] | None:
-        """The case registered at ``path`` and when its content was last checked (None when
-        it was never validated: nothing to compare with)."""
+    def content_check(self, path: str) -> tuple[Case, float, list[str]] | None:
+        """The case registered at ``path``, when its content was last checked and the files
+        left out of it (None when it was never validated: nothing to compare with)."""
         with self.session() as s:
             row = s.scalars(select(db.CaseRow).where(db.CaseRow.path == path)).one_or_none()
-            return None if row is None or row.checked_at is None else (_case(row), _epoch(row.checked_at))
+            if row is None or row.checked_at is None:
+                return None
+            return _case(row), _epoch(row.checked_at), list(row.left_out or ())
 
     def active_checked_paths(self) -> list[str]:
         """Folders of the validated cases still in the pipeline (their files must stay as
@@ -162,7 +164,8 @@ class Store(HostRecords, reads.CaseReads):
             s.execute(delete(db.JobRow).where(db.JobRow.case_id == case_id))
             for name, value in dict(status=CaseStatus.NEW.value, step=None, error=None, stage=None, manifest={},
                                     study_uid=None, attempts=row.attempts + 1, reconciles=0, wait_reason=None,
-                                    checked_at=None, lease_until=db.utcnow() + timedelta(seconds=lease_seconds),
+                                    checked_at=None, left_out=[],
+                                    lease_until=db.utcnow() + timedelta(seconds=lease_seconds),
                                     updated_at=db.utcnow()).items():
                 setattr(row, name, value)
             s.add(db.EventRow(case_id=case_id, command=event["command"], payload=event["payload"],

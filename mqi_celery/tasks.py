@@ -159,7 +159,7 @@ class PeriodicTask(Task):
             if not infrastructure_fault(exc):
                 raise
             log.warning("%s: the %s is unreachable; its next run tries again: %s", self.name,
-                        "database" if _database_fault(exc) else "broker", str(exc).splitlines()[0])
+                        "database" if _database_fault(exc) else "broker", (str(exc).splitlines() or [type(exc).__name__])[0])
             return None
 
 

@@ -362,17 +362,44 @@ def test_what_changed_in_a_case_folder_is_told_by_content_not_by_dates(tmp_path)
     from tests.casegen import BEAMS
 
     case = make_case(tmp_path, "c")
-    files = case_reader.manifest(case, "_CASE_READY")
-    checked = time.time()
-    time.sleep(0.02)  # change times after the check (the clock's granularity)
-    plan = next(case.glob("RP*.dcm"))
-    os.chmod(plan, 0o600)  # touched, same bytes
+    unused = f"{BEAMS[2]}/unused.ptn"  # there at validation, left out of the case (no row names it)
+    (case / unused).write_bytes(b"no row names it")
+    files = case_reader.manifest(case, "_CASE_READY", leave_out=[unused])
+    checked = time.time() + case_reader.CLOCK_MARGIN_SECONDS  # as if validated that much later
+    time.sleep(0.05)
+    for path in case.rglob("*"):  # `chmod -R` and `touch`: every change time moves, no byte does
+        os.utime(path)
+        os.chmod(path, path.stat().st_mode)
     (case / "_CASE_READY").touch()
-    same = changes_since(case, files, checked, "_CASE_READY")
-    assert same.what is None and same.touched
+    same = changes_since(case, files, checked, "_CASE_READY", left_out=[unused])
+    assert same.what is None and same.touched and not same.new_content
+    assert changes_since(case, files, checked, "_CASE_READY").what.startswith("1 file(s) added")  # were it unknown
     ptn = next((case / BEAMS[2]).glob("*.ptn"))
     ptn.write_bytes(bytes(reversed(ptn.read_bytes())) + b"x")
     (case / "notes").mkdir()
     (case / "notes" / "a.txt").write_text("added")
-    assert changes_since(case, files, checked, "_CASE_READY").what == \
-        f"1 file(s) added, 1 file(s) changed (in {BEAMS[2]}, notes)"
+    changed = changes_since(case, files, checked, "_CASE_READY", left_out=[unused])
+    assert changed.what == f"1 file(s) added, 1 file(s) changed (in {BEAMS[2]}, notes)" and changed.new_content
+
+
+def test_a_retried_case_is_not_compared_with_its_old_content_while_it_is_validated_again(config_file, monkeypatch):
+    """`mqi cases retry` of a case that failed before its upload validates it again: until
+    then the scanner has nothing to compare its folder with (it would fail the retry); a
+    case failed because its folder changed is retried as a new run of it."""
+    from mqi_celery import conductor
+    from mqi_celery.models import FOLDER_CHANGED
+
+    monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda case_id: None)
+    inbox, store = runtime.settings().paths.inbox, runtime.store()
+    case = make_case(inbox, "retried", marker=True)
+    scan_once()
+    conductor.fail_case("retried", "upload failed", step="validation")
+    seen = []
+    real_admit = conductor.admit
+    monkeypatch.setattr(conductor, "admit", lambda case_id: seen.append(store.content_check(str(case)))
+                        or real_admit(case_id))
+    assert conductor.retry_case("retried").status is CaseStatus.QUEUED and seen == [None]
+    conductor.fail_case("retried", "its folder changed while the case ran", step=FOLDER_CHANGED)
+    again = conductor.retry_case("retried")
+    assert again.status is CaseStatus.QUEUED and again.attempts == 2
+    assert [e["command"] for e in store.events("retried")].count("case_dropped_again") == 1
