@@ -180,6 +180,14 @@ def test_a_case_folder_replaced_while_its_case_runs_stops_it_then_runs_the_new_c
     assert failed.startswith("its folder changed while the case ran"), failed
     [again] = [e["payload"] for e in case["events"] if e["command"] == "case_dropped_again"]
     assert again["run"] == 2, again
+    first_run = []
+    for e in case["events"]:
+        if e["command"] == "case_failed":
+            break
+        if e["command"] == "execution_started":
+            first_run.append(int(e["payload"]["remote_id"]))
+    assert first_run  # the hung one among them: stopped with the run, never left on the host
+    poll_until(lambda: not any(_group_alive(g) for g in first_run), 30, what="the first run's engines to be killed")
 
 
 def _alive(pid: int) -> bool:
