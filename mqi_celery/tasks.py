@@ -128,23 +128,22 @@ class PipelineTask(Task):
         if not case_id or self.name == "mqi.stop_case":
             return
         if infrastructure_fault(exc):
-            try:
-                self.hand_over(case_id, args, kwargs.get("dispatch"),
-                               f"the broker did not take the step after the {self.step_words} "
-                               f"({exc}); it goes on at the reconciler's next run")
-            except Reject:
-                pass  # the database is down too: the lease is the last resort
+            self._hand_over_failed(case_id, args, kwargs, f"the broker did not take the step after the "
+                                   f"{self.step_words} ({exc}); it goes on at the reconciler's next run")
             return
         reason = describe(exc, self.step_words)
         try:
             self.app.send_task("mqi.stop_case", (case_id, reason))
         except Exception as send_exc:  # noqa: BLE001 - the step runs again once the broker takes messages
-            try:
-                self.hand_over(case_id, args, kwargs.get("dispatch"),
-                               f"the broker did not take the stop of the case after its {self.step_words} "
-                               f"failed ({send_exc}); the step is tried again at the reconciler's next run")
-            except Reject:
-                pass  # the database is down too: the lease is the last resort
+            self._hand_over_failed(case_id, args, kwargs, f"the broker did not take the stop of the case after its "
+                                   f"{self.step_words} failed ({send_exc}); the step is tried again at the "
+                                   "reconciler's next run")
+
+    def _hand_over_failed(self, case_id: str, args, kwargs, reason: str) -> None:
+        try:
+            self.hand_over(case_id, args, kwargs.get("dispatch"), reason)
+        except Reject:
+            pass  # the database is down too: the lease is the last resort
 
 
 class PeriodicTask(Task):
