@@ -8,7 +8,6 @@ never as shell code. Connections are pooled per process (``ssh_pool``).
 """
 from __future__ import annotations
 
-import fcntl
 import re
 import select
 import shlex
@@ -23,7 +22,7 @@ from typing import Callable, TypeVar
 
 import paramiko
 
-from . import ssh_pool
+from . import openssh, ssh_pool
 from .config import SSHSettings
 from .errors import (NO_SPACE_ERRNOS, NO_SPACE_WORDS, ConnectionError_, ExecutionError, MQIError, NoSpace,
                      TransferError, error_line)
@@ -100,7 +99,7 @@ class SSHHost:
                 tar_err.truncate()
                 with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=tar_err) as tar:
-                    _grow_pipe(tar.stdout)
+                    openssh.grow_pipe(tar.stdout)
                     try:
                         rc, _, err = self._exec(conn, remote, feed=tar.stdout)
                     except BaseException:
@@ -166,12 +165,15 @@ class SSHHost:
 
     def get(self, remote_path: PurePosixPath, local_path: Path) -> int:
         # An exec channel reads ~3x faster than SFTP get(); safe at any size as paramiko
-        # never re-keys on our connections (ssh_pool.AES_REKEY_BYTES).
+        # never re-keys on our connections (ssh_pool.AES_REKEY_BYTES). A big file comes
+        # through OpenSSH's client when there is one (``openssh``: C decrypts faster).
         path = shlex.quote(str(self._path(remote_path)))
         cmd = f"[ -f {path} ] || exit {MISSING}; exec cat -- {path}"
         try:
             with open(local_path, "wb") as sink:  # a read bigger than its buffer is written as it is: no copy
                 def op(conn: ssh_pool.Connection) -> tuple[int, bytes]:
+                    if self._big(conn, path):
+                        return self._get_with_openssh(conn, cmd, sink)
                     sink.seek(0)
                     sink.truncate()
                     try:
@@ -198,6 +200,35 @@ class SSHHost:
                 raise TransferError(f"{remote_path} does not exist on {self.name}", transient=False)
             raise TransferError(f"reading {remote_path} failed ({rc}): {_tail(err)}")
         return size
+
+    def _big(self, conn: ssh_pool.Connection, path: str) -> bool:
+        if not openssh.available():
+            return False
+        rc, out, _ = self._exec(conn, f"[ -f {path} ] && stat -c %s -- {path}", timeout=self.settings.op_timeout)
+        return rc == 0 and int(out or 0) >= openssh.FROM_BYTES
+
+    def _get_with_openssh(self, conn: ssh_pool.Connection, cmd: str, sink) -> tuple[int, bytes]:
+        sink.seek(0)
+        sink.truncate()
+        if self.guard is not None:
+            self.guard.before_connect()  # its own login: the breaker decides as for ours
+        try:
+            rc, size, err = openssh.fetch(self.settings, cmd, sink.fileno())
+        except openssh.Stalled as exc:
+            raise TransferError(f"download from {self.name} stalled: {exc}", transient=True) from exc
+        except OSError as exc:  # the local disk: the pipe's side is ours
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise local_disk_full(Path(sink.name), exc) from exc
+            raise
+        sink.seek(size)
+        if rc == openssh.LOGIN_FAILED:
+            if self.guard is not None:
+                self.guard.failed(_tail(err))
+            raise ConnectionError_(f"OpenSSH could not log in to {self.name}:{self.settings.port} "
+                                   f"for a download: {_tail(err)}")
+        if self.guard is not None:
+            self.guard.succeeded()
+        return rc, err
 
     def write_text(self, remote_path: PurePosixPath, text: str) -> None:
         path = self._path(remote_path, below_root=True)
@@ -366,14 +397,6 @@ def _drain(chan: paramiko.Channel, sink, watch: _Watch) -> tuple[bytes, bytes] |
     out.append(_rest(chan.recv))  # EOF may have come right after the last readiness check
     err.append(_rest(chan.recv_stderr))
     return b"".join(out), b"".join(err)
-
-
-def _grow_pipe(pipe) -> None:
-    # a 64 KiB pipe wakes us up 16 times per MiB; Linux allows 1 MiB without privileges
-    try:
-        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except OSError:
-        pass
 
 
 def _rest(recv) -> bytes:

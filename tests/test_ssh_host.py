@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from mqi_celery import ssh_pool
-from mqi_celery.errors import ConfigError, ConnectionError_, ExecutionError, MQIError, TransferError
+from mqi_celery.errors import ConfigError, ConnectionError_, ExecutionError, MQIError, NoSpace, TransferError
 from mqi_celery.errors import ValidationError as CaseInvalid
 from mqi_celery.file_transfer import download_verified, upload_verified
 from mqi_celery.hosts import LocalHost, file_sha256
@@ -390,6 +390,48 @@ def test_connection_retired_before_paramiko_would_rekey(slurm_testbed, tmp_path,
     assert ssh_pool.current(host.settings) is not first
     assert (SSHHost.stats.retired, SSHHost.stats.handshakes) == (retired + 1, handshakes + 1)
     assert not first.transport.is_active()  # closed once its last user was done
+
+
+def test_big_downloads_come_through_openssh_with_the_same_trust(slurm_testbed, tmp_path, monkeypatch):
+    """From openssh.FROM_BYTES a download goes through OpenSSH's client (C decryption): the
+    bytes are the file's, the host key is checked against our known_hosts only (an unknown
+    key refuses and nothing is added to the file), and a full local disk is ``NoSpace``
+    with no partial file left."""
+    from mqi_celery import openssh
+
+    monkeypatch.setattr(openssh, "FROM_BYTES", 1 << 20)
+    host = ssh_host(slurm_testbed)
+    remote = on_disk(host)
+    remote.mkdir(parents=True)
+    (remote / "big.dcm").write_bytes(os.urandom(5 << 20))
+    (remote / "small.txt").write_bytes(b"small")
+    calls = []
+    real_fetch = openssh.fetch
+    monkeypatch.setattr(openssh, "fetch", lambda *a: calls.append(a[1]) or real_fetch(*a))
+    assert host.get(host.root / "big.dcm", tmp_path / "big.dcm") == 5 << 20
+    assert file_sha256(tmp_path / "big.dcm") == file_sha256(remote / "big.dcm")
+    assert host.get(host.root / "small.txt", tmp_path / "small.txt") == 5
+    assert len(calls) == 1 and "big.dcm" in calls[0]  # the small file stayed on the pooled connection
+    with pytest.raises(TransferError, match="does not exist") as missing:
+        host.get(host.root / "absent.dcm", tmp_path / "absent.dcm")
+    assert not missing.value.transient
+
+    stranger = tmp_path / "known_hosts_other"
+    stranger.write_text("")
+    rc, written, err = real_fetch(ssh_settings(slurm_testbed, known_hosts=stranger),
+                                  f"cat {remote / 'big.dcm'}", os.open(os.devnull, os.O_WRONLY))
+    assert (rc, written) == (openssh.LOGIN_FAILED, 0) and b"Host key verification failed" in err
+    assert stranger.read_text() == ""
+
+    small_disk = tmp_path / "small_disk"
+    small_disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "mqi-test-disk", str(small_disk)], check=True)
+    try:
+        with pytest.raises(NoSpace, match="ran full"):
+            download_verified(host, host.root, small_disk / "results")
+        assert not [p for p in (small_disk / "results").iterdir() if p.stat().st_size > 5]
+    finally:
+        subprocess.run(["umount", "-l", str(small_disk)], check=False)
 
 
 def test_connect_failure_is_transient(tmp_path, slurm_testbed):
