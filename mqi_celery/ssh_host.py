@@ -32,6 +32,7 @@ from .naming import safe_relpath
 T = TypeVar("T")
 CHUNK = 1 << 20
 MISSING = 66  # exit code of our remote commands for "no such file"
+BIG = 67  # exit code of ``get``'s command for "a file for OpenSSH's client" (``openssh``)
 BIG_FILE = 64 << 20  # files from this size go up on their own (``SSHHost._put_file``)
 
 
@@ -168,12 +169,13 @@ class SSHHost:
         # never re-keys on our connections (ssh_pool.AES_REKEY_BYTES). A big file comes
         # through OpenSSH's client when there is one (``openssh``: C decrypts faster).
         path = shlex.quote(str(self._path(remote_path)))
-        cmd = f"[ -f {path} ] || exit {MISSING}; exec cat -- {path}"
+        cat = f"[ -f {path} ] || exit {MISSING}; exec cat -- {path}"
+        # one command either way: a big file answers BIG at once instead of its bytes
+        cmd = (f"[ -f {path} ] && [ \"$(stat -c %s -- {path})\" -ge {openssh.FROM_BYTES} ] && exit {BIG}; {cat}"
+               if openssh.available() else cat)
         try:
             with open(local_path, "wb") as sink:  # a read bigger than its buffer is written as it is: no copy
                 def op(conn: ssh_pool.Connection) -> tuple[int, bytes]:
-                    if self._big(conn, path):
-                        return self._get_with_openssh(conn, cmd, sink)
                     sink.seek(0)
                     sink.truncate()
                     try:
@@ -182,6 +184,8 @@ class SSHHost:
                         if exc.errno in NO_SPACE_ERRNOS:
                             raise local_disk_full(local_path, exc) from exc
                         raise
+                    if rc == BIG:
+                        return self._get_with_openssh(cat, sink)
                     conn.moved += sink.tell()
                     return rc, err
                 rc, err = self._call("download", op)
@@ -201,15 +205,7 @@ class SSHHost:
             raise TransferError(f"reading {remote_path} failed ({rc}): {_tail(err)}")
         return size
 
-    def _big(self, conn: ssh_pool.Connection, path: str) -> bool:
-        if not openssh.available():
-            return False
-        rc, out, _ = self._exec(conn, f"[ -f {path} ] && stat -c %s -- {path}", timeout=self.settings.op_timeout)
-        return rc == 0 and int(out or 0) >= openssh.FROM_BYTES
-
-    def _get_with_openssh(self, conn: ssh_pool.Connection, cmd: str, sink) -> tuple[int, bytes]:
-        sink.seek(0)
-        sink.truncate()
+    def _get_with_openssh(self, cmd: str, sink) -> tuple[int, bytes]:
         if self.guard is not None:
             self.guard.before_connect()  # its own login: the breaker decides as for ours
         try:
