@@ -16,7 +16,7 @@ from pathlib import Path
 from . import gpu_use, messages, readings, runtime
 from .errors import Held, NoSpace
 from .models import Case
-from .models import POLLER_STARTS, SETTLING
+from .lifecycle import POLLER_STARTS, CaseStep, Stage
 
 
 @dataclass(frozen=True)
@@ -265,15 +265,15 @@ def still_held(case: Case, budget: TransferBudget) -> str | None:
     it may go on)."""
     if any(j.step in POLLER_STARTS for j in case.jobs):
         return case.wait_reason  # its beams wait: the poller starts them and clears this
-    if case.step == SETTLING:
+    if case.step == CaseStep.SETTLING:
         return case.wait_reason  # its folder is still changing: the scanner validates it once settled
-    if case.stage in (None, "upload"):
+    if case.stage in (None, Stage.UPLOAD):
         reading, _ = runtime.store().reading(runtime.host_name())
         if hold := host_hold(reading) or disk_hold(case, (reading or {}).get("disk")):
             return hold
-    if case.stage == "collect" and (hold := results_hold()):
+    if case.stage == Stage.COLLECT and (hold := results_hold()):
         return hold
-    if case.stage in (None, "upload", "collect") and not budget.take():
+    if case.stage in (None, Stage.UPLOAD, Stage.COLLECT) and not budget.take():
         return transfer_wait(budget.cap)
     return None
 

@@ -20,21 +20,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 from celery import chain, group
 
-from . import case_reader, db, engine, faults, logs, messages, metrics, runtime
+from . import case_reader, db, engine, faults, lifecycle, logs, messages, metrics, runtime
 from .breaker import HostUnavailable
 from .celery_app import app
 from .errors import MQIError, ValidationError, case_removed, describe
-from .file_transfer import download_results, upload_case
 from .hosts import file_sha256
-from .models import FOLDER_CHANGED, SETTLING, TERMINAL_CASE, Case, CaseStatus, JobStatus
+from .lifecycle import CaseStep, JobStep, Stage
+from .models import TERMINAL_CASE, Case, CaseStatus, JobStatus
 from .naming import remote_job_dir, shown
-from .remote_executor import submit_beam
 from .store import NewJob
 from .tasks import PipelineTask, for_case, infrastructure_fault
 
@@ -47,18 +45,20 @@ def workflow(case: Case):
         upload ─► submit (one task per beam) ─► run (no task: the poller watches) ─► collect
     """
     cid, n = case.case_id, case.dispatch
-    upload = upload_case.si(cid, dispatch=n)
-    pending = [submit_beam.si(cid, j.beam, dispatch=n) for j in case.jobs if j.status is JobStatus.PENDING]
+
+    def step(task: str, *args):  # by name: the conductor imports no stage's module
+        return app.signature(task, args=(cid, *args), kwargs={"dispatch": n}, immutable=True)
+    upload = step("mqi.upload_case")
+    pending = [step("mqi.submit_beam", j.beam) for j in case.jobs if j.status is JobStatus.PENDING]
     submit = group(pending) if pending else None
-    collect = chain(download_results.si(cid, dispatch=n), verify_results.si(cid, dispatch=n),
-                    finalize_case.si(cid, dispatch=n))
-    return {"upload": chain(upload, submit) if submit else upload,
-            "submit": submit,
-            "run": None,
-            "collect": collect}[case.stage]
+    collect = chain(step("mqi.download_results"), step("mqi.verify_results"), step("mqi.finalize_case"))
+    return {Stage.UPLOAD: chain(upload, submit) if submit else upload,
+            Stage.SUBMIT: submit,
+            Stage.RUN: None,
+            Stage.COLLECT: collect}[case.stage]
 
 
-def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False, resume: bool = False) -> bool:
+def dispatch(case_id: str, *, stage: Stage | None = None, reconcile: bool = False, resume: bool = False) -> bool:
     """Send the case's next canvas under a new lease. False when there is nothing to send
     (the case is over, the poller has it, or its host is down: then it waits, parked)."""
     settings, store = runtime.settings(), runtime.store()
@@ -68,13 +68,13 @@ def dispatch(case_id: str, *, stage: str | None = None, reconcile: bool = False,
         if state != "closed":
             store.park(case_id, None, str(HostUnavailable(breaker.host, since, error)))
             return False
-    if store.start_dispatch(case_id, settings.reconciler.lease_seconds, stage=stage, reconcile=reconcile,
-                            resume=resume) is None:
+    if lifecycle.start_dispatch(store, case_id, settings.reconciler.lease_seconds, stage=stage, reconcile=reconcile,
+                                resume=resume) is None:
         return False
     case = store.get_case(case_id)  # with its jobs
     canvas = workflow(case)
     if canvas is None:
-        store.finish_submits(case_id)  # nothing left to submit: the poller takes over
+        lifecycle.to_poller(store, case_id)  # nothing left to submit: the poller takes over
         return False
     try:
         canvas.apply_async()
@@ -110,19 +110,20 @@ def admit(case_id: str) -> bool:
                 reason = (f"its files are still changing (a copy in progress?), and half-copied it is not valid yet "
                           f"({exc}); validated again once nothing in it changed for scanner.settle_seconds "
                           f"({settings.scanner.settle_seconds:g} s)")
-                store.update_case(case_id, step=SETTLING, wait_reason=reason, lease_until=None)
+                lifecycle.settling(store, case_id, reason)
                 messages.emit("case_waiting", {"reason": reason}, case_id=case_id)
                 return False
             reason = describe(exc, "validation")
-            store.update_case(case_id, status=CaseStatus.FAILED, step="validation", error=reason, lease_until=None)
-            metrics.case_finished("FAILED", case.created_at, "validation")
-            messages.emit("new_case_found", {"valid": False}, case_id=case_id)
-            messages.emit("case_failed", {"reason": reason, "step": "validation"}, case_id=case_id)
+            events = [messages.prepare("new_case_found", {"valid": False}, case_id=case_id),
+                      messages.prepare("case_failed", {"reason": reason, "step": CaseStep.VALIDATION.value},
+                                       case_id=case_id)]
+            lifecycle.invalid(store, case_id, reason, events)
+            metrics.case_finished("FAILED", case.created_at, CaseStep.VALIDATION.value)
+            messages.emit_recorded(events)
             return False
         store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
-        store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, manifest=files,
-                          study_uid=info.study_uid, stage="upload", checked_at=began, left_out=list(info.unused),
-                          lease_until=db.utcnow() + timedelta(seconds=settings.reconciler.lease_seconds))
+        lifecycle.validated(store, case_id, settings.reconciler.lease_seconds, manifest=files,
+                            study_uid=info.study_uid, checked_at=began, left_out=list(info.unused))
         # No path: nested layouts put the patient id in it; events carry case ids only.
         messages.emit("new_case_found", {"valid": True, "files": len(files),
                                          "beams": [b.number for b in info.beams]}, case_id=case_id)
@@ -184,8 +185,8 @@ def collect_finished() -> int:
     store, moved = runtime.store(), 0
     for case_id in store.cases_to_collect():
         with for_case(case_id):
-            if store.advance_stage(case_id, "run", "collect", runtime.settings().reconciler.lease_seconds):
-                moved += dispatch(case_id, stage="collect")
+            if lifecycle.advance(store, case_id, Stage.RUN, Stage.COLLECT, runtime.settings().reconciler.lease_seconds):
+                moved += dispatch(case_id, stage=Stage.COLLECT)
     return moved
 
 
@@ -194,7 +195,7 @@ def verify_results(self, case_id: str) -> str:
     """Results on disk are those downloaded (hash) and readable dose files."""
     store = runtime.store()
     case = store.get_case(case_id)
-    if case is None or case.stage != "collect" or store.begin_step(case_id, "verifying") is None:
+    if case is None or case.stage != Stage.COLLECT or lifecycle.begin(store, case_id, CaseStep.VERIFYING) is None:
         return "skipped: case not collecting"
     faults.point("before_verify")
     folder = runtime.settings().paths.results / case_id
@@ -203,8 +204,7 @@ def verify_results(self, case_id: str) -> str:
             continue
         problem = _check_results(folder, job.results)
         if problem:
-            store.update_job(case_id, job.beam, status=JobStatus.FAILED, results={},
-                             error=f"result verification: {problem}")
+            lifecycle.job_failed(store, case_id, job.beam, f"result verification: {problem}", results={})
     messages.emit("results_verified", {"beams": [j.beam for j in store.get_case(case_id).jobs
                                                  if j.status is JobStatus.COMPLETED]}, case_id=case_id)
     return "verified"
@@ -233,7 +233,7 @@ def _check_results(folder: Path, results: dict[str, str]) -> str | None:
 def finalize_case(self, case_id: str) -> str:
     store = runtime.store()
     case = store.get_case(case_id)
-    if case.status is not CaseStatus.PROCESSING or case.stage != "collect":
+    if case.status is not CaseStatus.PROCESSING or case.stage != Stage.COLLECT:
         return f"skipped: case is {case.status.value} in stage {case.stage}"
     failed = [j for j in case.jobs if j.status is not JobStatus.COMPLETED]
     faults.point("before_finalize")
@@ -243,20 +243,19 @@ def finalize_case(self, case_id: str) -> str:
         reasons.insert(0, f"{case_removed(shown(Path(case.path).name))} (the results of the beams that ran are kept)")
     if reasons:
         reason = "; ".join(reasons)
-        if store.update_case(case_id, status=CaseStatus.FAILED, step="finished", error=reason, lease_until=None,
-                             only_from={CaseStatus.PROCESSING}) is None:
+        events = [messages.prepare("case_failed", {"reason": reason, "completed_beams": [
+            j.beam for j in case.jobs if j not in failed]}, case_id=case_id)]
+        if lifecycle.finished(store, case_id, reason, events) is None:
             return "skipped: finalized meanwhile"
-        metrics.case_finished("FAILED", case.created_at, "finished")
-        messages.emit("case_failed", {"reason": reason, "completed_beams": [j.beam for j in case.jobs
-                                                                          if j not in failed]}, case_id=case_id)
+        metrics.case_finished("FAILED", case.created_at, CaseStep.FINISHED.value)
+        messages.emit_recorded(events)
         return CaseStatus.FAILED.value
-    if store.update_case(case_id, status=CaseStatus.COMPLETED, step="finished", error=None, lease_until=None,
-                         only_from={CaseStatus.PROCESSING}) is None:
+    events = [messages.prepare("case_completed", {"beams": [j.beam for j in case.jobs], "results": {
+        n: s for j in case.jobs for n, s in j.results.items()}}, case_id=case_id)]
+    if lifecycle.finished(store, case_id, None, events) is None:
         return "skipped: finalized meanwhile"
     metrics.case_finished("COMPLETED", case.created_at, None)
-    messages.emit("case_completed", {"beams": [j.beam for j in case.jobs],
-                                     "results": {n: s for j in case.jobs for n, s in j.results.items()}},
-                  case_id=case_id)
+    messages.emit_recorded(events)
     return CaseStatus.COMPLETED.value
 
 
@@ -295,7 +294,7 @@ def stop_case(case_id: str, reason: str) -> bool:
     return fail_case(case_id, reason)
 
 
-def fail_case(case_id: str, reason: str, step: str | None = None) -> bool:
+def fail_case(case_id: str, reason: str, step: CaseStep | None = None) -> bool:
     """Stop a case: kill its live jobs, fail what is unfinished (``step``: the step it failed
     in, when not the one it was in). False if already over."""
     store = runtime.store()
@@ -304,12 +303,11 @@ def fail_case(case_id: str, reason: str, step: str | None = None) -> bool:
         return False
     for job in case.jobs:
         _stop_job(case_id, job, reason)
-    if store.update_case(case_id, status=CaseStatus.FAILED, error=reason, lease_until=None, wait_reason=None,
-                         **({"step": step} if step else {}),
-                         only_from={CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING}) is None:
+    events = [messages.prepare("case_failed", {"reason": reason}, case_id=case_id)]
+    if lifecycle.failed(store, case_id, reason, step, events) is None:
         return False
     metrics.case_finished("FAILED", case.created_at, case.step)
-    messages.emit("case_failed", {"reason": reason}, case_id=case_id)
+    messages.emit_recorded(events)
     return True
 
 
@@ -317,15 +315,14 @@ def _stop_job(case_id: str, job, reason: str) -> None:
     """Fail one job; a PENDING one may be submitted meanwhile: then its run is cancelled too."""
     store = runtime.store()
     if job.status is JobStatus.PENDING:
-        if store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped",
-                            only_from={JobStatus.PENDING}) is not None:
+        if lifecycle.job_failed(store, case_id, job.beam, reason, step=JobStep.STOPPED,
+                                only_from={JobStatus.PENDING}) is not None:
             return
         job = store.get_job(case_id, job.beam)  # submitted in between
     if job.status is JobStatus.RUNNING:
         if job.remote_id and job.finished_at is None:
             _cancel_run(job, case_id)
-        store.update_job(case_id, job.beam, status=JobStatus.FAILED, error=reason, step="stopped",
-                         only_from={JobStatus.RUNNING})
+        lifecycle.job_failed(store, case_id, job.beam, reason, step=JobStep.STOPPED, only_from={JobStatus.RUNNING})
 
 
 def _cancel_run(job, case_id: str) -> None:
@@ -355,7 +352,7 @@ def retry_case(case_id: str) -> Case:
     if case.status not in TERMINAL_CASE:
         raise MQIError(f"case {case_id} is {case.status.value}; only COMPLETED or FAILED cases can be retried")
     with logs.bound(case.trace_id):
-        if case.step == FOLDER_CHANGED:  # its folder holds other content now: a new run of it
+        if case.step == CaseStep.FOLDER_CHANGED:  # its folder holds other content now: a new run of it
             run_again(case_id, "retried after its folder changed")
             return store.get_case(case_id)
         return _retry(case)
@@ -363,27 +360,24 @@ def retry_case(case_id: str) -> Case:
 
 def _retry(case: Case) -> Case:
     store, case_id = runtime.store(), case.case_id
-    lease = db.utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds)
-    readmit = case.step == "validation" or not case.jobs or case.stage in (None, "upload")
+    readmit = case.step == CaseStep.VALIDATION or not case.jobs or case.stage in (None, Stage.UPLOAD)
     # Claim first: of two retries at once (CLI and Flower), one wins, the other is refused.
     # A case validated again has nothing to compare its folder with until then (scanner.look_again).
-    if store.update_case(case_id, status=CaseStatus.QUEUED, step="queued", error=None, attempts=case.attempts + 1,
-                         reconciles=0, wait_reason=None, lease_until=lease, **({"checked_at": None} if readmit else {}),
-                         only_from={CaseStatus.COMPLETED, CaseStatus.FAILED}) is None:
+    events = [messages.prepare("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)]
+    if lifecycle.retried(store, case, runtime.settings().reconciler.lease_seconds, forget_check=readmit,
+                         events=events) is None:
         raise MQIError(f"case {case_id} is being retried already")
-    messages.emit("case_retried", {"attempt": case.attempts + 1}, case_id=case_id)
+    messages.emit_recorded(events)
     failed = [j for j in case.jobs if j.status is JobStatus.FAILED]
     for job in failed:
-        store.update_job(case_id, job.beam, status=JobStatus.PENDING, error=None, step=None, remote_id=None,
-                         remote_state=None, exit_code=None, submitted_at=None, started_at=None,
-                         finished_at=None, resubmits=0, judge_attempts=0, results={})
+        lifecycle.job_reset(store, case_id, job.beam)
     if readmit:
         # Nothing uploaded yet, and the folder may have been fixed: validate it again.
         admit(case_id)
         return store.get_case(case_id)
     # Beams to run again: from the upload (it re-verifies the remote copy, sending only
     # what differs); all beams done: only their results are collected again.
-    store.update_case(case_id, stage="upload" if failed or case.stage in (None, "upload") else "collect")
+    lifecycle.restage(store, case_id, Stage.UPLOAD if failed or case.stage in (None, Stage.UPLOAD) else Stage.COLLECT)
     dispatch(case_id)
     return store.get_case(case_id)
 
@@ -397,7 +391,7 @@ def run_again(case_id: str, changed: str, admit_case=admit) -> bool:
     with logs.bound(before.trace_id):
         message = messages.prepare("case_dropped_again", {"changed": changed, "run": before.attempts + 2},
                                    case_id=case_id)
-        if store.new_run(case_id, runtime.settings().reconciler.lease_seconds, message) is None:
+        if lifecycle.new_run(store, case_id, runtime.settings().reconciler.lease_seconds, message) is None:
             return False
         results = runtime.settings().paths.results / case_id
         if results.is_dir():  # the earlier run's doses stay, out of the new run's way

@@ -12,10 +12,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from . import admission, case_reader, faults, messages, metrics, runtime
+from . import admission, case_reader, faults, lifecycle, messages, metrics, runtime
 from .celery_app import app
 from .errors import Held, MQIError, NoSpace, TransferError, ValidationError
 from .hosts import Host, file_sha256
+from .lifecycle import CaseStep, JobStep, Stage
 from .models import CaseStatus, JobStatus
 from .naming import remote_input_dir, remote_output_dir
 from .tasks import PipelineTask
@@ -123,11 +124,11 @@ def in_line(case_id: str):
 def _upload(self, case_id: str) -> str:
     store = runtime.store()
     case = store.get_case(case_id)
-    if case is not None and case.stage != "upload":  # redelivered after it finished: the chain goes on
+    if case is not None and case.stage != Stage.UPLOAD:  # redelivered after it finished: the chain goes on
         return "skipped: already uploaded"
     if case is not None and case.status is CaseStatus.QUEUED and (hold := admission.upload_hold(case)):
         raise Held(hold)  # it waits QUEUED, with the reason; resumed once the host has room
-    case = store.begin_step(case_id, "uploading")
+    case = lifecycle.begin(store, case_id, CaseStep.UPLOADING)
     if case is None:
         return "skipped: case no longer active"
     host, case_dir = runtime.host(), Path(case.path)
@@ -152,9 +153,7 @@ def _upload(self, case_id: str) -> str:
     metrics.TRANSFER_SECONDS.labels(direction="up").inc(time.monotonic() - started)
     messages.emit("upload_success", {**sent, "verified_files": len(case.manifest), "host": host.name,
                                      "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
-    store.update_case(case_id, step="uploaded")
-    store.advance_stage(case_id, "upload", "submit", runtime.settings().reconciler.lease_seconds)
-    store.finish_submits(case_id)  # no beam left to run: straight to the poller
+    lifecycle.uploaded(store, case_id, runtime.settings().reconciler.lease_seconds)
     return "uploaded"
 
 
@@ -168,7 +167,7 @@ def download_results(self, case_id: str) -> str:
 def _download(case_id: str) -> str:
     store, host = runtime.store(), runtime.host()
     case = store.get_case(case_id)
-    if case is None or case.stage != "collect" or store.begin_step(case_id, "downloading") is None:
+    if case is None or case.stage != Stage.COLLECT or lifecycle.begin(store, case_id, CaseStep.DOWNLOADING) is None:
         return "skipped: case not collecting"
     local_dir = runtime.settings().paths.results / case_id
     for job in store.get_case(case_id).jobs:
@@ -184,7 +183,7 @@ def _download(case_id: str) -> str:
             raise
         metrics.TRANSFER_BYTES.labels(direction="down").inc(sum((local_dir / n).stat().st_size for n in files))
         metrics.TRANSFER_SECONDS.labels(direction="down").inc(time.monotonic() - started)
-        store.update_job(case_id, job.beam, results=files, step="downloaded")
+        lifecycle.job_step(store, case_id, job.beam, JobStep.DOWNLOADED, results=files)
         messages.emit("download_success", {"beam": job.beam, "files": files, "host": host.name,
                                            "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
     return "downloaded"

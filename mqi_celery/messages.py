@@ -79,6 +79,13 @@ def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None,
     return message
 
 
+def emit_recorded(messages: list[dict[str, Any]]) -> None:
+    """Log and publish prepared messages already recorded with their state change
+    (``lifecycle``)."""
+    for message in messages:
+        emit(message["command"], message["payload"], case_id=message["payload"].get("case_id"), recorded=message)
+
+
 def _publishing() -> bool:
     broker = runtime.settings().broker
     if broker.publish_events == "auto":

@@ -1,8 +1,8 @@
 """The domain vocabulary: statuses, their legal transitions, and immutable views of rows.
 
 Status names are the original design's and are part of the public interface (CLI JSON,
-events, dashboards). A finer ``step`` (uploading, submitted, ...) sits beside the status
-for humans; only the status drives the workflow.
+events, dashboards). A case's stage and the finer steps shown beside the status are in
+``lifecycle``, which is also the only module that changes any of them.
 """
 from __future__ import annotations
 
@@ -47,27 +47,6 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 ACTIVE_CASE = frozenset({CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING})
 TERMINAL_CASE = frozenset({CaseStatus.COMPLETED, CaseStatus.FAILED})
 TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
-
-
-# Steps of a PENDING job the poller starts (not a submit task): one its host cannot take yet
-# (a GPU, a slot, a drained partition), and one whose submit the broker did not take, before
-# or after its scheduler was asked (then a run may exist: it is adopted, never doubled).
-WAITING = "waiting"
-UNSENT = "unsent"
-UNSENT_SUBMITTED = "unsent, submitted"
-POLLER_STARTS = (WAITING, UNSENT, UNSENT_SUBMITTED)
-
-# Step of a NEW case whose validation failed while its files were still changing (a copy in
-# progress): the scanner validates it again once nothing in it changed for settle_seconds.
-SETTLING = "settling"
-
-# Step of a case failed because its folder changed under it while it ran: the scanner runs
-# it again from validation once the new content has settled.
-FOLDER_CHANGED = "folder changed"
-
-# The stages of a case's work, in order (see conductor.workflow). "run" belongs to the
-# poller and holds no lease; the others are leased to the dispatch that runs them.
-STAGES = ("upload", "submit", "run", "collect")
 
 
 class IllegalTransition(ValueError):

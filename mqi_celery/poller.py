@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from . import engine, messages, metrics, runtime
+from . import engine, lifecycle, messages, metrics, runtime
 from .celery_app import app
 from .conductor import collect_finished
 from .db import utcnow
 from .errors import ConnectionError_, MQIError
 from .models import JobStatus
 from .naming import remote_job_dir, remote_output_dir
-from .models import POLLER_STARTS
+from .lifecycle import POLLER_STARTS, JobStep
 from .remote_executor import finish, overdue, start_or_wait, submit
 from .tasks import PeriodicTask, for_case
 
@@ -62,8 +62,8 @@ def start_waiting() -> int:
                 if exc.transient:  # the host did not answer: the beam waits for the next poll
                     log.info("beam %s of %s not started yet: %s", job.beam, job.case_id, exc)
                     break
-                store.update_job(job.case_id, job.beam, status=JobStatus.FAILED, step="finished",
-                                 error=f"could not be submitted: {exc}", only_from={JobStatus.PENDING})
+                lifecycle.job_failed(store, job.case_id, job.beam, f"could not be submitted: {exc}",
+                                     step=JobStep.FINISHED, only_from={JobStatus.PENDING})
             started += 1
             case = store.get_case(job.case_id)
             if case.wait_reason and not any(j.step in POLLER_STARTS for j in case.jobs):

@@ -20,12 +20,13 @@ from .celery_app import app
 from .tasks import PeriodicTask
 from .conductor import admit, dispatch, fail_case, request_admission
 from .db import utcnow
+from .lifecycle import Stage
 from .models import CaseStatus
 
 log = logging.getLogger(__name__)
 
 # Where the first task of each stage waits: a case may still be queued there, not lost.
-STAGE_QUEUE = {"upload": "transfer", "submit": "execute", "collect": "transfer"}
+STAGE_QUEUE = {Stage.UPLOAD: "transfer", Stage.SUBMIT: "execute", Stage.COLLECT: "transfer"}
 
 
 @app.task(name="mqi.reconcile", base=PeriodicTask, ignore_result=True)

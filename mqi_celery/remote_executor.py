@@ -8,19 +8,16 @@ from datetime import timedelta
 from pathlib import Path
 
 
-from . import admission, case_reader, engine, faults, messages, metrics, runtime
+from . import admission, case_reader, engine, faults, lifecycle, messages, metrics, runtime
 from .celery_app import app
 from .db import utcnow
 from .models import JobStatus
 from .naming import remote_input_dir, remote_job_dir, remote_output_dir
 from .schedulers import JobSpec
-from .models import UNSENT, UNSENT_SUBMITTED, WAITING
+from .lifecycle import MAY_HAVE_RUN, CaseStep, JobStep, Stage
 from .tasks import PipelineTask
 
 log = logging.getLogger(__name__)
-SUBMITTING = "submitting"  # a beam's step while its scheduler is asked to start it
-INPUT_WRITTEN = "input written"
-MAY_HAVE_RUN = (SUBMITTING, UNSENT_SUBMITTED)  # an earlier delivery asked the scheduler: adopt its run
 
 
 class SubmitTask(PipelineTask):
@@ -32,12 +29,11 @@ class SubmitTask(PipelineTask):
 
         store, beam = runtime.store(), args[1]
         try:
-            asked = store.get_job(case_id, beam).step == SUBMITTING  # its run may exist: keep that known
-            if store.update_job(case_id, beam, step=UNSENT_SUBMITTED if asked else UNSENT,
-                                only_from={JobStatus.PENDING}) is not None:
+            asked = store.get_job(case_id, beam).step == JobStep.SUBMITTING  # its run may exist: keep that known
+            if lifecycle.job_step(store, case_id, beam, JobStep.UNSENT_SUBMITTED if asked else JobStep.UNSENT,
+                                  only_from={JobStatus.PENDING}) is not None:
                 messages.emit("execution_waiting", {"beam": beam, "reason": reason}, case_id=case_id)
-            if store.finish_submits(case_id):
-                store.update_case(case_id, step="running")
+            lifecycle.to_poller(store, case_id, running=True)
         except Exception as exc:  # noqa: BLE001 - the database too: the broker keeps the message
             log.error("submit of beam %s of %s: %s; the message goes back to the broker (%s)", beam, case_id,
                       reason, exc)
@@ -49,16 +45,15 @@ def submit_beam(self, case_id: str, beam: int) -> str:
     """Write the beam's MOQUI input and hand the run to the scheduler. A redelivery after a
     crash adopts the run the first delivery started (same token), never a second one."""
     store = runtime.store()
-    if store.begin_step(case_id, "submitting") is None:
+    if lifecycle.begin(store, case_id, CaseStep.SUBMITTING) is None:
         return "skipped: case no longer active"
     case = store.get_case(case_id)
-    if case.stage != "submit":  # not uploaded yet (a parked upload), or long past submitting
+    if case.stage != Stage.SUBMIT:  # not uploaded yet (a parked upload), or long past submitting
         return f"skipped: case is in stage {case.stage}"
     job = next(j for j in case.jobs if j.beam == beam)
     if job.status is JobStatus.PENDING:
         start_or_wait(case_id, beam)
-    if store.finish_submits(case_id):
-        store.update_case(case_id, step="running")
+    lifecycle.to_poller(store, case_id, running=True)
     return "submitted"
 
 
@@ -68,15 +63,15 @@ def start_or_wait(case_id: str, beam: int, *, may_read: bool = True) -> bool:
     and the poller starts it later (``may_read``: see ``admission.start_beam``)."""
     store = runtime.store()
     job = store.get_job(case_id, beam)
-    if job.step not in (INPUT_WRITTEN, WAITING, *MAY_HAVE_RUN):  # past here the folder may hold its run
+    if job.step not in (JobStep.INPUT_WRITTEN, JobStep.WAITING, *MAY_HAVE_RUN):  # past here the folder may hold its run
         _write_input(store.get_case(case_id), job)
     grant = admission.start_beam(case_id, beam, may_read=may_read)
     if isinstance(grant, admission.Grant):
-        submit(case_id, beam, grant.gpu, status=JobStatus.RUNNING)
+        submit(case_id, beam, grant.gpu)
         return True
     job = store.get_job(case_id, beam)
-    if job.step != WAITING:
-        store.update_job(case_id, beam, step=WAITING, only_from={JobStatus.PENDING})
+    if job.step != JobStep.WAITING:
+        lifecycle.job_step(store, case_id, beam, JobStep.WAITING, only_from={JobStatus.PENDING})
         messages.emit("execution_waiting", {"beam": beam, "reason": grant}, case_id=case_id)
     if store.get_case(case_id).wait_reason != grant:
         store.update_case(case_id, wait_reason=grant)
@@ -95,7 +90,7 @@ def _write_input(case, job) -> None:
                                gantry=engine.gantry_number(machine, settings.engine.gantry_num))
     host.remove_tree(job_dir)  # a rerun starts clean: no old log, exit code or output
     host.write_text(job_dir / "moqui_tps.in", text)
-    runtime.store().update_job(case.case_id, job.beam, step=INPUT_WRITTEN)
+    lifecycle.job_step(runtime.store(), case.case_id, job.beam, JobStep.INPUT_WRITTEN)
 
 
 def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
@@ -108,8 +103,8 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     # Recorded before the scheduler is asked: only a delivery that finds this step (an
     # earlier one got this far, then crashed or lost its answer) looks for a run to adopt.
     may_exist = job.step in MAY_HAVE_RUN
-    if not may_exist and runtime.store().update_job(case_id, beam, step=SUBMITTING,
-                                                    only_from={JobStatus.PENDING, JobStatus.RUNNING}) is None:
+    if not may_exist and lifecycle.job_step(runtime.store(), case_id, beam, JobStep.SUBMITTING,
+                                            only_from={JobStatus.PENDING, JobStatus.RUNNING}) is None:
         runtime.store().release_claims(case_id, beam)  # cancelled meanwhile: no run, and its GPU back
         return "cancelled"
     spec = JobSpec(name=f"mqi-{case_id}-{beam}", workdir=job_dir,
@@ -122,10 +117,10 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     faults.point("after_submit")  # crash tests: die between the submit and the database write
     started = messages.prepare("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
                                                      "host": host.name, "gpu": gpu_id}, case_id=case_id)
-    recorded = runtime.store().update_job(
-        case_id, beam, only_from={JobStatus.PENDING, JobStatus.RUNNING}, step="submitted", scheduler=scheduler.kind,
-        remote_id=remote_id, gpu_id=gpu_id, remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None,
-        finished_at=None, error=None, event=started, **fields)
+    recorded = lifecycle.job_submitted(
+        runtime.store(), case_id, beam, started, scheduler=scheduler.kind, remote_id=remote_id, gpu_id=gpu_id,
+        remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None, finished_at=None, error=None,
+        **fields)
     if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
         runtime.store().release_claims(case_id, beam)
         metrics.SCHEDULER_QUERIES.labels(host=host.name, command="cancel").inc()
@@ -155,8 +150,7 @@ def overdue(job, scheduler, settings) -> str | None:
 
 def finish(case_id: str, beam: int, failure: str | None) -> str:
     status = JobStatus.FAILED if failure else JobStatus.COMPLETED
-    job = runtime.store().update_job(case_id, beam, status=status, error=failure, step="finished",
-                                     only_from={JobStatus.RUNNING})
+    job = lifecycle.job_finished(runtime.store(), case_id, beam, failure)
     if job is None:  # cancelled meanwhile
         return runtime.store().get_job(case_id, beam).status.value
     start = job.started_at or job.submitted_at

@@ -26,13 +26,14 @@ from pathlib import Path
 
 from celery import signals
 
-from . import case_reader, delivery_log, inbox_watch, logs, messages, runtime
+from . import case_reader, delivery_log, inbox_watch, lifecycle, logs, messages, runtime
 from .celery_app import app
 from .tasks import PeriodicTask, infrastructure_fault
 from .conductor import admit, fail_case, request_admission, run_again
 from .db import utcnow
 from .errors import MQIError
-from .models import ACTIVE_CASE, FOLDER_CHANGED, CaseStatus
+from .lifecycle import CaseStep
+from .models import ACTIVE_CASE
 from .naming import case_id_for, inbox_fault, is_utf8, shown
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def register(case_dir: Path, admit_case=admit) -> str | None:
     while store.case_id_taken(case_id):  # the same study dropped twice at different paths
         case_id = f"{case_id_for(case_dir.name)}-{n}"
         n += 1
-    if not store.register_case(case_id, str(case_dir), lease_seconds=runtime.settings().reconciler.lease_seconds):
+    if not lifecycle.register(store, case_id, str(case_dir), runtime.settings().reconciler.lease_seconds):
         return None
     admit_case(case_id)
     return case_id
@@ -286,8 +287,8 @@ def look_again(path: Path, inbox: Path, index: KnownPaths, unsettled: dict[str, 
         if case.status in ACTIVE_CASE and change.what is not None:
             fail_case(case.case_id, f"its folder changed while the case ran: {change.what}; its results would not "
                                     f"be of what was validated. It runs again from validation once nothing in the "
-                                    f"folder changed for scanner.settle_seconds ({settle:g} s)", step=FOLDER_CHANGED)
-        elif change.what is not None and (change.new_content or case.step == FOLDER_CHANGED):
+                                    f"folder changed for scanner.settle_seconds ({settle:g} s)", step=CaseStep.FOLDER_CHANGED)
+        elif change.what is not None and (change.new_content or case.step == CaseStep.FOLDER_CHANGED):
             run_again(case.case_id, change.what, admit_case)
         elif change.touched:  # looked at once: not again until something else changes
             if change.what is not None:
@@ -420,8 +421,7 @@ def _admit_settled(admit_case, settle_seconds: float) -> None:
         except OSError as exc:  # unreadable now: looked at again at the next scan
             log.warning("case %s could not be checked for settling: %s", case_id, exc.strerror)
             continue
-        if store.update_case(case_id, only_from={CaseStatus.NEW}, step=None, wait_reason=None,
-                             lease_until=utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds)):
+        if lifecycle.settled(store, case_id, runtime.settings().reconciler.lease_seconds):
             log.info("case %s settled: validating it again", case_id)
             admit_case(case_id)
 

@@ -22,11 +22,12 @@ from sqlalchemy.orm import Session
 
 from . import db, reads
 from .host_records import HostRecords
-from .models import (ACTIVE_CASE, FOLDER_CHANGED, POLLER_STARTS, SETTLING, TERMINAL_JOB, UNSENT,  # noqa: F401
-                     WAITING, Case, CaseStatus, Job, JobStatus, check_transition)
+from .lifecycle import POLLER_STARTS, CaseStep, Stage
+from .models import ACTIVE_CASE, TERMINAL_JOB, Case, CaseStatus, Job, JobStatus, check_transition
 
 _ACTIVE = [s.value for s in ACTIVE_CASE]
 _LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
+_POLLER_STARTS = [step.value for step in POLLER_STARTS]
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Store(HostRecords, reads.CaseReads):
         stmt = insert(db.CaseRow).values(
             case_id=case_id, path=path, status=status.value, error=error, study_uid=study_uid,
             trace_id=uuid.uuid4().hex, manifest={}, attempts=0, created_at=now, updated_at=now,
-            stage="upload", dispatch=0, reconciles=0,
+            stage=Stage.UPLOAD.value, dispatch=0, reconciles=0,
             lease_until=None if lease_seconds is None else now + timedelta(seconds=lease_seconds),
         ).on_conflict_do_nothing()
         with self.session() as s:
@@ -149,7 +150,7 @@ class Store(HostRecords, reads.CaseReads):
         with self.session() as s:
             return list(s.scalars(select(db.CaseRow.path).where(
                 or_(db.CaseRow.status.in_([CaseStatus.QUEUED.value, CaseStatus.PROCESSING.value]),
-                    (db.CaseRow.status == CaseStatus.FAILED.value) & (db.CaseRow.step == FOLDER_CHANGED)),
+                    (db.CaseRow.status == CaseStatus.FAILED.value) & (db.CaseRow.step == CaseStep.FOLDER_CHANGED.value)),
                 db.CaseRow.checked_at.is_not(None))))
 
     def new_run(self, case_id: str, lease_seconds: float, event: dict[str, Any]) -> Case | None:
@@ -177,13 +178,13 @@ class Store(HostRecords, reads.CaseReads):
         """(case id, path) of cases whose validation waits for their folder to settle."""
         with self.session() as s:
             return list(s.execute(select(db.CaseRow.case_id, db.CaseRow.path).where(
-                db.CaseRow.status == CaseStatus.NEW.value, db.CaseRow.step == SETTLING)))
+                db.CaseRow.status == CaseStatus.NEW.value, db.CaseRow.step == CaseStep.SETTLING.value)))
 
     def validation_failures(self) -> dict[str, tuple[str, Any]]:
         """Cases that failed validation, by path: (case id, when)."""
         with self.session() as s:
             rows = s.execute(select(db.CaseRow.path, db.CaseRow.case_id, db.CaseRow.updated_at).where(
-                db.CaseRow.status == CaseStatus.FAILED.value, db.CaseRow.step == "validation"))
+                db.CaseRow.status == CaseStatus.FAILED.value, db.CaseRow.step == CaseStep.VALIDATION.value))
             return {path: (case_id, when) for path, case_id, when in rows}
 
     def case_id_taken(self, case_id: str) -> bool:
@@ -191,18 +192,18 @@ class Store(HostRecords, reads.CaseReads):
             return s.get(db.CaseRow, case_id) is not None
 
     def update_case(self, case_id: str, *, status: CaseStatus | None = None,
-                    only_from: Iterable[CaseStatus] | None = None, **fields: Any) -> Case | None:
+                    only_from: Iterable[CaseStatus] | None = None, events: Iterable[dict[str, Any]] = (),
+                    **fields: Any) -> Case | None:
         """Change a case; with ``only_from`` it is a no-op (None) unless the case is in one of
-        those statuses — the way idempotent steps skip work that is already done."""
+        those statuses — the way idempotent steps skip work that is already done. ``events``
+        (``messages.prepare``): recorded in the same transaction as the change."""
+        def after(s: Session, row: db.CaseRow) -> None:
+            for event in events:
+                s.add(db.EventRow(case_id=case_id, command=event["command"], payload=event["payload"],
+                                  correlation_id=event["correlation_id"]))
         row = self._update(db.CaseRow, (db.CaseRow.case_id == case_id,), "case", CaseStatus, status,
-                           only_from, fields)
+                           only_from, fields, after=after)
         return None if row is None else _case(row)
-
-    def begin_step(self, case_id: str, step: str) -> Case | None:
-        """Record the step an active case is in (a QUEUED case starts PROCESSING with it);
-        None if the case stopped meanwhile."""
-        return self.update_case(case_id, status=CaseStatus.PROCESSING, step=step,
-                                only_from={CaseStatus.QUEUED, CaseStatus.PROCESSING})
 
     def _update(self, model, where, kind, status_type, status, only_from, fields, after=None):
         with self.session() as s:
@@ -246,8 +247,8 @@ class Store(HostRecords, reads.CaseReads):
                 return False  # a task renewed the lease since the reconciler looked: alive after all
             if resume and row.wait_reason is None:
                 return False
-            row.stage = stage or row.stage or "upload"
-            if row.stage == "run":
+            row.stage = stage or row.stage or Stage.UPLOAD.value
+            if row.stage == Stage.RUN.value:
                 row.wait_reason = None
                 return False
             row.dispatch = (row.dispatch or 0) + 1
@@ -263,7 +264,7 @@ class Store(HostRecords, reads.CaseReads):
         def change(row):
             if row.dispatch != dispatch or row.status not in _ACTIVE:
                 return False
-            if row.stage != "run":
+            if row.stage != Stage.RUN.value:
                 row.lease_until = db.utcnow() + timedelta(seconds=lease_seconds)
         return self._change_case(case_id, change)
 
@@ -282,10 +283,10 @@ class Store(HostRecords, reads.CaseReads):
         waiting for their host (a GPU, a slot, a drained partition) or whose submit was
         lost are the poller's too."""
         pending = exists().where(db.JobRow.case_id == db.CaseRow.case_id, db.JobRow.status == JobStatus.PENDING.value,
-                                 or_(db.JobRow.step.is_(None), db.JobRow.step.not_in(POLLER_STARTS)))
-        stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage == "submit",
+                                 or_(db.JobRow.step.is_(None), db.JobRow.step.not_in(_POLLER_STARTS)))
+        stmt = (update(db.CaseRow).where(db.CaseRow.case_id == case_id, db.CaseRow.stage == Stage.SUBMIT.value,
                                          db.CaseRow.status == CaseStatus.PROCESSING.value, ~pending)
-                .values(stage="run", lease_until=None, reconciles=0, updated_at=db.utcnow()))
+                .values(stage=Stage.RUN.value, lease_until=None, reconciles=0, updated_at=db.utcnow()))
         with self.session() as s:
             return s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
 
@@ -334,7 +335,7 @@ class Store(HostRecords, reads.CaseReads):
         live = exists().where(db.JobRow.case_id == db.CaseRow.case_id, db.JobRow.status.in_(_LIVE_JOB))
         with self.session() as s:
             return list(s.scalars(select(db.CaseRow.case_id).where(
-                db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run", ~live)))
+                db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == Stage.RUN.value, ~live)))
 
     def replace_inbox_problems(self, current: dict[str, str], recorded: dict[str, str]) -> list[str]:
         """Make the stored problems ``current`` (``recorded``: what the caller read before);
@@ -398,8 +399,8 @@ class Store(HostRecords, reads.CaseReads):
         """Beams ready to run that wait for their host, oldest case first."""
         with self.session() as s:
             rows = s.scalars(select(db.JobRow).join(db.CaseRow, db.CaseRow.case_id == db.JobRow.case_id).where(
-                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step.in_(POLLER_STARTS),
-                db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == "run")
+                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step.in_(_POLLER_STARTS),
+                db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == Stage.RUN.value)
                 .order_by(db.CaseRow.created_at, db.JobRow.case_id, db.JobRow.beam).limit(limit))
             return [_job(r) for r in rows]
 

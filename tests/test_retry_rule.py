@@ -117,12 +117,12 @@ def test_a_submit_refused_after_its_scheduler_was_asked_adopts_its_run_never_a_s
     poller takes the beam over and adopts the run that may exist (same token), keeping its
     input folder (where that run lives)."""
     from mqi_celery import admission, remote_executor
-    from mqi_celery.models import UNSENT_SUBMITTED
+    from mqi_celery.lifecycle import JobStep
 
     store = runtime.store()
-    store.update_job("c1", 2, step=remote_executor.SUBMITTING)
+    store.update_job("c1", 2, step=JobStep.SUBMITTING.value)
     remote_executor.submit_beam.hand_over("c1", ("c1", 2), case.dispatch, "the broker did not take the retry")
-    assert store.get_job("c1", 2).step == UNSENT_SUBMITTED
+    assert store.get_job("c1", 2).step == JobStep.UNSENT_SUBMITTED
     specs = []
     monkeypatch.setattr(runtime.scheduler(), "submit", lambda spec: specs.append(spec) or "4242")
     monkeypatch.setattr(admission, "start_beam", lambda *a, **k: admission.Grant(None))

@@ -335,7 +335,7 @@ def test_files_changed_under_a_running_case_fail_it_saying_what_then_it_runs_aga
     import shutil
 
     from mqi_celery.case_reader import changes_since
-    from mqi_celery.models import FOLDER_CHANGED
+    from mqi_celery.lifecycle import CaseStep
     from tests.casegen import BEAMS
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda case_id: None)
@@ -348,7 +348,7 @@ def test_files_changed_under_a_running_case_fail_it_saying_what_then_it_runs_aga
     shutil.rmtree(case / BEAMS[4])
     scan_once()
     failed = store.get_case("running")
-    assert failed.status is CaseStatus.FAILED and failed.step == FOLDER_CHANGED
+    assert failed.status is CaseStatus.FAILED and failed.step == CaseStep.FOLDER_CHANGED
     assert failed.error.startswith(f"its folder changed while the case ran: 86 file(s) removed (in {BEAMS[4]})"), \
         failed.error
     again = poll_until(lambda: (scan_once() or True) and (c := store.get_case("running"))
@@ -387,7 +387,7 @@ def test_a_retried_case_is_not_compared_with_its_old_content_while_it_is_validat
     then the scanner has nothing to compare its folder with (it would fail the retry); a
     case failed because its folder changed is retried as a new run of it."""
     from mqi_celery import conductor
-    from mqi_celery.models import FOLDER_CHANGED
+    from mqi_celery.lifecycle import CaseStep
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda case_id: None)
     inbox, store = runtime.settings().paths.inbox, runtime.store()
@@ -399,7 +399,7 @@ def test_a_retried_case_is_not_compared_with_its_old_content_while_it_is_validat
     monkeypatch.setattr(conductor, "admit", lambda case_id: seen.append(store.content_check(str(case)))
                         or real_admit(case_id))
     assert conductor.retry_case("retried").status is CaseStatus.QUEUED and seen == [None]
-    conductor.fail_case("retried", "its folder changed while the case ran", step=FOLDER_CHANGED)
+    conductor.fail_case("retried", "its folder changed while the case ran", step=CaseStep.FOLDER_CHANGED)
     again = conductor.retry_case("retried")
     assert again.status is CaseStatus.QUEUED and again.attempts == 2
     assert [e["command"] for e in store.events("retried")].count("case_dropped_again") == 1
