@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gpu_use, messages, readings, runtime
+from . import gpu_use, host_readings, messages, runtime
 from .errors import Held, NoSpace
 from .models import Case
 from .lifecycle import POLLER_STARTS, CaseStep, Stage
@@ -94,7 +94,7 @@ def _read_now() -> dict:
         from . import metrics
 
         metrics.SCHEDULER_QUERIES.labels(host=host.name, command="sinfo").inc()
-    reading = readings.take(host, slurm=slurm, partition=settings.scheduler.slurm.partition if slurm else None,
+    reading = host_readings.take(host, slurm=slurm, partition=settings.scheduler.slurm.partition if slurm else None,
                             gpus=not slurm, timeout=settings.curator.reading_timeout_seconds)
     held = store.claims(host.name)  # read after the reading: what ran during it is known by now
     reading["claimed"] = sorted(claims | set(held))
@@ -203,7 +203,7 @@ def _read_disk() -> dict:
     """The host's disk now, stored beside the latest reading (a waiting case is resumed
     from the stored figure once it has changed)."""
     host, store = runtime.host(), runtime.store()
-    fresh = readings.take(host, slurm=False, partition=None, gpus=False,
+    fresh = host_readings.take(host, slurm=False, partition=None, gpus=False,
                           timeout=runtime.settings().curator.reading_timeout_seconds)
     reading, _ = store.reading(host.name)
     if reading is None:  # the first reading: its GPUs are still to be read (never taken as "none to assign")

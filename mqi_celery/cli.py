@@ -41,8 +41,8 @@ def _no_database(settings) -> str | None:
 
 def _reads():
     """Reads for a listing: straight from the database where it can, without importing
-    SQLAlchemy (see ``reads``); else through the Store. Never creates a database."""
-    from .reads import direct_reads
+    SQLAlchemy (see ``db_reads``); else through the Store. Never creates a database."""
+    from .db_reads import direct_reads
 
     if missing := _no_database(_settings()):
         _fail(missing)

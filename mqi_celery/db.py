@@ -15,7 +15,7 @@ from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Index, Integer, Stri
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.engine import make_url
 
-from .reads import SCHEMA_REVISION
+from .db_reads import SCHEMA_REVISION
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 

@@ -63,7 +63,7 @@ def scheduler():
         from .slurm import SlurmScheduler
 
         return SlurmScheduler(host(), s.scheduler.slurm, job_dir_root=host().root)
-    from .schedulers import DirectScheduler
+    from .direct_scheduler import DirectScheduler
 
     return DirectScheduler(host())
 

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from . import db, reads
+from . import db, db_reads
 from .host_records import HostRecords
 from .lifecycle import POLLER_STARTS, CaseStep, Stage
 from .models import ACTIVE_CASE, TERMINAL_JOB, Case, CaseStatus, Job, JobStatus, check_transition
@@ -38,7 +38,7 @@ class NewJob:
 
 
 def _case(row: db.CaseRow) -> Case:
-    return reads.case_of({c: getattr(row, c) for c in reads.CASE_COLUMNS})
+    return db_reads.case_of({c: getattr(row, c) for c in db_reads.CASE_COLUMNS})
 
 
 def _epoch(when: datetime) -> float:
@@ -46,10 +46,10 @@ def _epoch(when: datetime) -> float:
 
 
 def _job(row: db.JobRow) -> Job:
-    return reads.job_of({c: getattr(row, c) for c in reads.JOB_COLUMNS})
+    return db_reads.job_of({c: getattr(row, c) for c in db_reads.JOB_COLUMNS})
 
 
-class Store(HostRecords, reads.CaseReads):
+class Store(HostRecords, db_reads.CaseReads):
     def __init__(self, engine: Engine):
         self.engine = engine
         self._sessions = db.session_factory(engine)
@@ -68,13 +68,13 @@ class Store(HostRecords, reads.CaseReads):
 
     @contextmanager
     def _reading(self):
-        """Plain SQL on a pooled connection (see ``reads``); returned to the pool after.
+        """Plain SQL on a pooled connection (see ``db_reads``); returned to the pool after.
         The driver's own errors come out as SQLAlchemy's, as on every other path, so a
         database that does not answer is told from a wrong query the same way everywhere."""
         dialect, conn = self.engine.dialect, None
         try:
             conn = self.engine.raw_connection()
-            with reads.reading(conn, sqlite=dialect.name == "sqlite") as q:
+            with db_reads.reading(conn, sqlite=dialect.name == "sqlite") as q:
                 yield q
         except dialect.loaded_dbapi.Error as exc:
             lost = conn is not None and dialect.is_disconnect(exc, conn.dbapi_connection, None)

@@ -12,7 +12,8 @@ from mqi_celery.errors import TransferError, ValidationError
 from mqi_celery.file_transfer import download_verified, upload_verified
 from mqi_celery.case_reader import manifest
 from mqi_celery.hosts import LocalHost
-from mqi_celery.schedulers import DirectScheduler, JobSpec, parse_direct_poll
+from mqi_celery.direct_scheduler import DirectScheduler, parse_direct_poll
+from mqi_celery.schedulers import JobSpec
 from tests.casegen import make_case
 from tests.conftest import group_alive, poll_until
 

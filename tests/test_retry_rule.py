@@ -94,7 +94,7 @@ def test_a_wrong_query_is_not_an_outage(case, monkeypatch):
 
 
 def test_every_path_to_a_database_that_does_not_answer_is_an_outage(tmp_path):
-    """Reads on plain SQL (``reads``) and writes through the ORM alike: a refused connection
+    """Reads on plain SQL (``db_reads``) and writes through the ORM alike: a refused connection
     is an outage (waited out), a missing table is the query's fault (counted)."""
     from mqi_celery.store import Store
     from mqi_celery.tasks import infrastructure_fault

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from mqi_celery import reads
+from mqi_celery import db_reads
 from mqi_celery.errors import ConnectionError_
 from mqi_celery.db import utcnow
 from mqi_celery.models import CaseStatus, JobStatus
@@ -39,7 +39,7 @@ def test_a_direct_read_sees_what_the_store_sees(kind, tmp_path):
     with database(kind, tmp_path) as url:
         store = Store.from_url(url)
         _fill(store)
-        direct = reads.direct_reads(url)
+        direct = db_reads.direct_reads(url)
         assert direct is not None, "a database at the head is read directly"
         since = utcnow() - timedelta(minutes=5)
         for name, args, kwargs in [("recent_cases", (), {"limit": 2}), ("recent_cases", (), {"limit": None}),
@@ -61,17 +61,17 @@ def test_a_direct_read_sees_what_the_store_sees(kind, tmp_path):
 
 
 def test_a_new_or_unknown_database_is_left_to_the_store(tmp_path):
-    assert reads.direct_reads(f"sqlite:///{tmp_path}/none.db") is None
+    assert db_reads.direct_reads(f"sqlite:///{tmp_path}/none.db") is None
     assert not (tmp_path / "none.db").exists(), "a direct read creates nothing"
-    assert reads.direct_reads("mysql://somewhere/db") is None
+    assert db_reads.direct_reads("mysql://somewhere/db") is None
     with pytest.raises(ConnectionError_, match=r"the database \(127.0.0.1:1/none\) cannot be reached: .*refused"):
-        reads.direct_reads("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none")  # said at once, no password
+        db_reads.direct_reads("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none")  # said at once, no password
     store = Store.from_url(f"sqlite:///{tmp_path}/old.db")
     with store.session() as s:
         from sqlalchemy import text
 
         s.execute(text("UPDATE alembic_version SET version_num = '0005'"))
-    assert reads.direct_reads(f"sqlite:///{tmp_path}/old.db") is None, "an older schema is migrated by the Store"
+    assert db_reads.direct_reads(f"sqlite:///{tmp_path}/old.db") is None, "an older schema is migrated by the Store"
 
 
 @pytest.mark.parametrize("kind", BOTH)
