@@ -167,29 +167,57 @@ def session_factory(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def is_postgres(engine: Engine) -> bool:
+    """The one dialect switch: PostgreSQL, or else the embedded SQLite."""
+    return engine.dialect.name == "postgresql"
+
+
+def insert(engine: Engine, table):
+    """``INSERT`` with the dialect's ``ON CONFLICT`` clauses."""
+    if is_postgres(engine):
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table)
+
+
+MIGRATE_KEY, BEAT_KEY = 474747, 474748  # advisory lock keys (slots: _slot_key, apart from these)
+
+
 @contextlib.contextmanager
+def _lock(engine: Engine, key: int, name: str, *, block: bool):
+    """The one lock helper: a PostgreSQL session advisory lock on ``key``, or with SQLite a
+    file lock beside the database file (``name`` in its file name). Yields True once held;
+    without ``block``, False at once when another process holds it. Either goes with the
+    process that holds it: a crash never leaks one."""
+    if is_postgres(engine):
+        with engine.connect() as conn:
+            held = conn.execute(text("SELECT pg_advisory_lock(:k)" if block else "SELECT pg_try_advisory_lock(:k)"),
+                                {"k": key}).scalar() is not False
+            conn.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+        return
+    path = f"{engine.url.database or 'mqi'}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)
+
+
 def _migration_lock(engine: Engine):
     """Workers, beat and the CLI may all start at once; only one migrates at a time."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(474747)"))
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(474747)"))
-                conn.commit()
-    else:
-        lock_path = (engine.url.database or "mqi") + ".migrate.lock"
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-
-def _slot_file(engine: Engine, name: str, number: int) -> str:
-    return f"{engine.url.database or 'mqi'}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.{number}.lock"
+    return _lock(engine, MIGRATE_KEY, "migrate", block=True)
 
 
 def _slot_key(name: str, number: int) -> int:
@@ -199,35 +227,12 @@ def _slot_key(name: str, number: int) -> int:
 @contextlib.contextmanager
 def slot(engine: Engine, name: str, count: int):
     """Hold one of ``count`` slots called ``name`` while the block runs; yields its number,
-    or None when all are held. A PostgreSQL session lock (or a file lock with SQLite): a
-    process that dies lets go of it with its connection, so a crash never leaks a slot."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            for number in range(count):
-                key = _slot_key(name, number)
-                got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
-                conn.commit()
-                if got:
-                    try:
-                        yield number
-                    finally:
-                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                        conn.commit()
-                    return
-        yield None
-        return
+    or None when all are held (a crash never leaks one: ``_lock``)."""
     for number in range(count):
-        fd = os.open(_slot_file(engine, name, number), os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            yield number
-        finally:
-            os.close(fd)
-        return
+        with _lock(engine, _slot_key(name, number), f"{name}.{number}", block=False) as held:
+            if held:
+                yield number
+                return
     yield None
 
 
@@ -246,35 +251,15 @@ def beat_lock(engine: Engine, on_wait=None, poll_seconds: float = 5.0):
     many hosts are told to run it (the others wait, ready to take over)."""
     import time
 
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            while not conn.execute(text("SELECT pg_try_advisory_lock(474748)")).scalar():
-                conn.commit()
-                if on_wait:
-                    on_wait()
-                    on_wait = None
-                time.sleep(poll_seconds)
-            conn.commit()
-            try:
-                yield  # held by this session: it ends with it, or here
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(474748)"))
-                conn.commit()
-        return
-    fd = os.open((engine.url.database or "mqi") + ".beat.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if on_wait:
-                    on_wait()
-                    on_wait = None
-                time.sleep(poll_seconds)
-        yield
-    finally:
-        os.close(fd)
+    while True:
+        with _lock(engine, BEAT_KEY, "beat", block=False) as held:
+            if held:
+                yield
+                return
+        if on_wait:
+            on_wait()
+            on_wait = None
+        time.sleep(poll_seconds)
 
 
 def migrate(engine: Engine) -> None:

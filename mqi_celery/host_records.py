@@ -8,8 +8,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from . import db
@@ -17,12 +15,10 @@ from .models import JobStatus
 
 
 class HostRecords:
-    def _insert(self):
-        return pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
 
     def host_row(self, s: Session, name: str) -> db.HostRow:
         """The host's row, locked; created first if new (two processes may race to)."""
-        s.execute(self._insert()(db.HostRow).values(name=name, state="closed", failures=0, updated_at=db.utcnow())
+        s.execute(db.insert(self.engine, db.HostRow).values(name=name, state="closed", failures=0, updated_at=db.utcnow())
                   .on_conflict_do_nothing())
         return self._lock(s, db.HostRow, db.HostRow.name == name).one()
 
@@ -70,7 +66,7 @@ class HostRecords:
             if held is not None:
                 return held
         for resource in resources:
-            stmt = (self._insert()(db.ClaimRow).values(host=host, resource=resource, case_id=case_id, beam=beam,
+            stmt = (db.insert(self.engine, db.ClaimRow).values(host=host, resource=resource, case_id=case_id, beam=beam,
                                                        claimed_at=db.utcnow()).on_conflict_do_nothing())
             with self.session() as s:  # one statement each: the primary key decides, atomically
                 if s.execute(stmt).rowcount == 1:

@@ -16,8 +16,6 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Engine, delete, exists, or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from . import db, db_reads
@@ -74,7 +72,7 @@ class Store(HostRecords, db_reads.CaseReads):
         dialect, conn = self.engine.dialect, None
         try:
             conn = self.engine.raw_connection()
-            with db_reads.reading(conn, sqlite=dialect.name == "sqlite") as q:
+            with db_reads.reading(conn, sqlite=not db.is_postgres(self.engine)) as q:
                 yield q
         except dialect.loaded_dbapi.Error as exc:
             lost = conn is not None and dialect.is_disconnect(exc, conn.dbapi_connection, None)
@@ -88,7 +86,7 @@ class Store(HostRecords, db_reads.CaseReads):
 
     def _lock(self, s: Session, model, *where):
         stmt = select(model).where(*where)
-        if self.engine.dialect.name == "postgresql":
+        if db.is_postgres(self.engine):
             stmt = stmt.with_for_update()
         return s.scalars(stmt)
 
@@ -98,9 +96,8 @@ class Store(HostRecords, db_reads.CaseReads):
                       lease_seconds: float | None = None) -> bool:
         """Insert the case unless its path is known. True only for the one caller that won.
         With a lease, a case whose validation never ran (a crash right after) is found again."""
-        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         now = db.utcnow()
-        stmt = insert(db.CaseRow).values(
+        stmt = db.insert(self.engine, db.CaseRow).values(
             case_id=case_id, path=path, status=status.value, error=error, study_uid=study_uid,
             trace_id=uuid.uuid4().hex, manifest={}, attempts=0, created_at=now, updated_at=now,
             stage=Stage.UPLOAD.value, dispatch=0, reconciles=0,
