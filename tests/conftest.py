@@ -18,6 +18,22 @@ from tests.polling import poll_until  # noqa: F401  (tests import it from here)
 from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (the real sshd + Slurm, for every test)
 
 BIN = Path(sys.executable).parent
+SLOW_LAYERS = ("slurm", "integration", "processes")
+
+
+def pytest_collection_modifyitems(items):
+    """Layers by what a test needs: ``slurm`` for every test that uses the testbed (directly
+    or through the ``cluster`` fixture), ``processes`` for every one that starts an
+    installation; ``unit`` for those that need no service and start none of the pipeline's
+    processes (``make unit``, under a minute)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "slurm_testbed" in fixtures:
+            item.add_marker(pytest.mark.slurm)
+        if "embedded" in fixtures or "installation" in fixtures:
+            item.add_marker(pytest.mark.processes)
+        if not any(item.get_closest_marker(layer) for layer in SLOW_LAYERS):
+            item.add_marker(pytest.mark.unit)
 
 
 def group_alive(pgid: int) -> bool:

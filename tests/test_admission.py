@@ -9,6 +9,8 @@ import sys
 import threading
 from datetime import datetime
 
+import pytest
+
 from mqi_celery import admission, runtime
 from mqi_celery.conductor import fail_case
 from mqi_celery.models import CaseStatus, JobStatus
@@ -25,6 +27,7 @@ def case_with_jobs(store, case_id: str, beams=(1, 2, 3)) -> None:
     store.add_jobs(case_id, [NewJob(b, f"beam{b}", f"d{b}") for b in beams])
 
 
+@pytest.mark.integration
 def test_racing_workers_never_hold_the_same_gpu_on_postgresql():
     with postgres_database() as url:
         store = Store.from_url(url)
@@ -168,6 +171,7 @@ def test_the_endpoint_serves_each_gpu_and_whether_the_host_takes_work(config_fil
     assert on == {"0": "ours", "1": "busy"}
 
 
+@pytest.mark.integration
 def test_transfer_slots_are_shared_and_a_dead_holder_lets_go(config_file):
     from mqi_celery import db
 
@@ -198,6 +202,7 @@ with db.slot(engine, "transfer:h", 1) as number:
 """
 
 
+@pytest.mark.processes
 def test_with_max_transfers_one_uploads_run_one_at_a_time_and_every_case_completes(embedded):
     run = embedded(transport={"max_transfers": 1}, worker={"concurrency": 4})
     names = [f"line{i}" for i in range(4)]

@@ -24,6 +24,8 @@ from tests.bad_cases import BadCase, load
 from tests.casegen import make_case
 from tests.conftest import poll_until
 
+pytestmark = pytest.mark.processes
+
 CORPUS = load()
 VALID = next(b for b in CORPUS if b.name == "valid_flat")
 # What a reason must never show: raw exception text.

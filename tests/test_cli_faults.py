@@ -16,6 +16,7 @@ COMMANDS = ["status", "status --json", "cases list", "cases list --json", "cases
             "db backup state.dump", "run --no-live", "beat"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_with_the_database_down_says_so_in_one_line(tmp_path, command):
     closed = free_port()  # nothing listens there: PostgreSQL is down
@@ -42,6 +43,7 @@ def test_a_read_from_another_folder_creates_no_database(tmp_path, command):
     assert "set MQI_CONFIG" in done.stdout and not (tmp_path / "var" / "mqi.db").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", ["cases list", "status", "inbox"])
 def test_a_read_never_waits_for_the_migration_lock(tmp_path, command):
     """While an upgrade holds the migration lock (the schema not at this version's revision),

@@ -18,6 +18,8 @@ from tests.testbed.fixtures import slurm_testbed  # noqa: F401
 
 MQI = [sys.executable, "-m", "mqi_celery.cli"]
 
+pytestmark = pytest.mark.integration
+
 
 def check(config: Path, *extra: str) -> tuple[int, dict, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MQI_")}
@@ -80,6 +82,7 @@ def _ssh(tmp_path: Path, **ssh) -> dict:
                     **{k: str(v) for k, v in ssh.items()}}}
 
 
+@pytest.mark.processes
 def test_a_good_configuration_is_safe_to_start(tmp_path, services):
     rc, out, text = check(write_config(tmp_path, **good(tmp_path, services)))
     assert rc == 0, text
@@ -87,6 +90,7 @@ def test_a_good_configuration_is_safe_to_start(tmp_path, services):
     assert "safe to start" in text and "guest:guest" not in text
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("broken", sorted(BROKEN))
 def test_each_broken_setting_is_named_with_its_fix(tmp_path, services, broken):
     (tmp_path / "a-file").write_text("")
@@ -102,6 +106,7 @@ def test_each_broken_setting_is_named_with_its_fix(tmp_path, services, broken):
         assert set(failed) == {"broker"}  # the others still checked, and fine
 
 
+@pytest.mark.processes
 def test_offline_connects_to_nothing(tmp_path, services):
     sections = good(tmp_path, services, broker={"url": f"amqp://guest:guest@127.0.0.1:{free_port()}//"})
     rc, out, _ = check(write_config(tmp_path, **sections), "--offline")

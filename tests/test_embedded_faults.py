@@ -10,9 +10,13 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.casegen import make_case
 from tests.conftest import Embedded, installation_pids, kill_installation, poll_until
 from tests.recovery import Recovery
+
+pytestmark = pytest.mark.processes
 
 ENGINE = f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 0.5 {{input_file}}"
 

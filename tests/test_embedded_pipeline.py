@@ -6,9 +6,12 @@ import hashlib
 import json
 
 import pydicom
+import pytest
 
 from tests.casegen import STUDY_UID, make_case
 from tests.conftest import group_alive as _group_alive, poll_until
+
+pytestmark = pytest.mark.processes
 
 PATIENT_NAME = "ANONYMIZED"  # the plan's patient name: must never reach a log or an event
 

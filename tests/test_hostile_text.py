@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mqi_celery import runtime
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.store import NewJob
@@ -47,6 +49,7 @@ def hostile_database(tmp_path) -> None:
     (tmp_path / "inbox" / f"loose {ESCAPES}").write_text("a loose file")
 
 
+@pytest.mark.processes
 def test_every_command_shows_text_from_a_case_literally(tmp_path, config_file):
     config = config_file(scanner={"interval_seconds": 0.5, "settle_seconds": 0})
     hostile_database(tmp_path)

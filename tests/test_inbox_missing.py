@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.casegen import make_case
 from tests.conftest import write_config
 
 MQI = [sys.executable, "-m", "mqi_celery.cli"]
 
 
+@pytest.mark.processes
 def test_a_missing_inbox_is_said_everywhere_and_clears_when_it_is_back(tmp_path):
     config = write_config(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MQI_")} | {"MQI_CONFIG": str(config), "COLUMNS": "400"}

@@ -43,6 +43,7 @@ def shell_env(tmp_path):
     return {**env, "CASE_ID": "needs_a_plan"}
 
 
+@pytest.mark.processes
 def test_every_sh_block_runs(shell_env, tmp_path):
     ran = commands("sh")
     assert len(ran) >= 8

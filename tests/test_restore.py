@@ -7,11 +7,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from mqi_celery import db
 from mqi_celery.store import Store
 from tests.services import postgres_database
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+
+pytestmark = pytest.mark.integration
 
 
 def test_the_documented_restore_fills_a_new_database(tmp_path):

@@ -75,6 +75,7 @@ def test_systemd_accepts_the_units_and_passes_every_argument_unchanged(units):
     assert shlex.split(fields((folder / "mqi-exporter.service").read_text())["ExecStart"][0])[-1] == "exporter"
 
 
+@pytest.mark.processes
 def test_flower_started_as_its_unit_reads_its_credentials(units, tmp_path):
     import requests
 
