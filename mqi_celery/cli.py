@@ -20,6 +20,7 @@ from .case_view import case_dict, cases_table, inbox_table, overview
 from .cli_common import (JsonOpt, _fail, _interrupt, _settings, _stop, _store, app, cases_app, config_app, console,
                          outside_fault)
 from .config import masked
+from .db_url import DatabaseURL
 from .errors import ConfigError, MQIError
 from .models import Case
 from .terminal import data, literal
@@ -28,11 +29,8 @@ from .terminal import data, literal
 def _no_database(settings) -> str | None:
     """Why a read-only command must not go on: its SQLite file does not exist (run from
     another folder, relative paths name another, new database: it would answer "no case")."""
-    url = settings.database.url
-    if not url.startswith("sqlite") or ":///" not in url or url.endswith(":memory:"):
-        return None
-    path = Path(url.split(":///", 1)[1].split("?", 1)[0])
-    if path.exists():
+    path = DatabaseURL(settings.database.url).sqlite_path
+    if path is None or path.exists():
         return None
     return (f"no database at {path.resolve()} (database.url of {settings.source}, relative to {Path.cwd()}): "
             "nothing has run with this configuration here. Run this from the folder `mqi run` runs in, or set "

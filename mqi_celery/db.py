@@ -13,9 +13,9 @@ from pathlib import Path
 from sqlalchemy import (JSON, DateTime, Engine, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint, create_engine, event, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.engine import make_url
 
 from .db_reads import SCHEMA_REVISION
+from .db_url import DatabaseURL
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -130,10 +130,10 @@ class EventRow(Base):
 
 
 def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    parsed = DatabaseURL(url)
+    if parsed.kind == "sqlite":
+        if parsed.sqlite_path is not None:
+            parsed.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -154,13 +154,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":  # the driver we install (SQLAlchemy 2.1 would pick psycopg 3)
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    # A host that drops packets fails a connection in 10 s instead of holding a worker.
-    timeout = {} if "connect_timeout" in parsed.query or parsed.drivername != "postgresql+psycopg2" \
-        else {"connect_timeout": 10}
-    return create_engine(parsed, pool_pre_ping=True, connect_args=timeout)
+    return create_engine(parsed.for_sqlalchemy(), pool_pre_ping=True, connect_args=parsed.connect_args())
 
 
 def session_factory(engine: Engine) -> sessionmaker:
@@ -307,10 +301,10 @@ def backup(url: str, target: Path) -> None:
     import sqlite3
     import subprocess
 
-    parsed = make_url(url)
+    parsed = DatabaseURL(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if parsed.get_backend_name() == "sqlite":
-        source, copy = sqlite3.connect(parsed.database), sqlite3.connect(target)
+    if parsed.kind == "sqlite":
+        source, copy = sqlite3.connect(parsed.sqlite_path), sqlite3.connect(target)
         try:
             source.backup(copy)
         finally:
@@ -318,6 +312,6 @@ def backup(url: str, target: Path) -> None:
             source.close()
         return
     # The password through the environment: never on a command line (ps) or in an error.
-    libpq = parsed.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    libpq = parsed.libpq(password=False)
     env = {**os.environ, **({"PGPASSWORD": parsed.password} if parsed.password else {})}
     subprocess.run(["pg_dump", "--format=custom", f"--file={target}", libpq], check=True, capture_output=True, env=env)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Callable, Iterator
 
+from .db_url import DatabaseURL
 from .errors import ConnectionError_
 from .models import ACTIVE_CASE, Case, CaseStatus, Job, JobStatus
 
@@ -225,23 +226,23 @@ def direct_reads(url: str) -> DirectReads | None:
     URL this module does not speak, or a schema not at ``SCHEMA_REVISION`` (the caller says
     so; a read never migrates). A PostgreSQL server that does not answer raises
     ``ConnectionError_``."""
+    parsed = DatabaseURL(url)
     try:
-        if url.startswith(("sqlite:///", "sqlite+pysqlite:///")) and "?" not in url:
-            import os
+        if parsed.kind == "sqlite" and not parsed.has_options and url.startswith(("sqlite:///", "sqlite+pysqlite:///")):
             import sqlite3
 
-            path = url.split(":///", 1)[1]
-            if not os.path.isfile(path):  # no database there (the CLI says so before asking)
+            path = parsed.sqlite_path
+            if path is None or not path.is_file():  # no database there (the CLI says so before asking)
                 return None
             conn, sqlite = sqlite3.connect(path, timeout=30, isolation_level=None), True
         elif url.startswith(("postgresql://", "postgresql+psycopg2://")):
             import psycopg2
 
             try:
-                conn, sqlite = psycopg2.connect("postgresql://" + url.split("://", 1)[1], connect_timeout=10), False
+                conn, sqlite = psycopg2.connect(parsed.libpq(), **parsed.connect_args()), False
             except psycopg2.OperationalError as exc:  # said at once, without the Store's imports
                 first = (str(exc).strip().splitlines() or ["no answer"])[0]
-                raise ConnectionError_(f"the database ({url.split('@')[-1]}) cannot be reached: {first}") from None
+                raise ConnectionError_(f"the database ({parsed.where}) cannot be reached: {first}") from None
             conn.autocommit = True
         else:
             return None

@@ -143,14 +143,14 @@ def _broker_fix(exc: Exception) -> str:
 
 def database(settings: Settings) -> Check:
     from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
 
     from . import db
+    from .db_url import DatabaseURL
 
-    url = settings.database.url
-    shown = mask_url(url)
-    args = {"connect_timeout": int(TIMEOUT)} if make_url(url).get_backend_name() == "postgresql" else {}
-    engine = create_engine(url, connect_args=args)
+    url = DatabaseURL(settings.database.url)
+    shown = mask_url(url.url)
+    args = {"connect_timeout": int(TIMEOUT)} if url.kind == "postgresql" else {}
+    engine = create_engine(url.for_sqlalchemy(), connect_args=args)
     try:
         with engine.connect():
             pass
