@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Iterable
 
-from .db import utcnow
 from .models import Case, CaseStatus, Job, JobStatus
 
 Store = Any  # a store.Store, passed in: the store imports this module (its queries name stages and steps)
@@ -82,6 +81,8 @@ def check_stage_move(current: str | None, target: Stage) -> None:
 
 
 def _lease(seconds: float | None) -> datetime | None:
+    from .db import utcnow  # not at import: `mqi status` reads the stage names without SQLAlchemy
+
     return None if seconds is None else utcnow() + timedelta(seconds=seconds)
 
 

@@ -92,3 +92,8 @@ def test_listing_and_showing_a_case_import_no_sqlalchemy(kind, tmp_path, config_
                                  check=True, cwd=tmp_path).stdout
             assert "active" in out, out
             assert json.loads(out.strip().splitlines()[-1]) == [], f"mqi {' '.join(argv)} imported heavy modules"
+        # `mqi status` asks the broker for its queues (Celery), but reads the database without SQLAlchemy
+        out = subprocess.run([sys.executable, "-c", probe, "status", "--json"], capture_output=True, text=True,
+                             env=env, check=True, cwd=tmp_path).stdout
+        heavy = json.loads(out.strip().splitlines()[-1])
+        assert not [m for m in heavy if m.split(".")[0] in ("sqlalchemy", "alembic")], heavy
