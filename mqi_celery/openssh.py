@@ -8,14 +8,13 @@ this way: each costs a login (~0.15 s), which pays off from a few hundred MB.
 The trust decisions are the same as ``ssh_pool``'s: the same key, the same known_hosts
 file with ``StrictHostKeyChecking=yes`` (an unknown or changed host key refuses), the same
 ciphers, no user or system ``ssh_config``. The remote command is the caller's, quoted as
-for paramiko. Its output comes through a pipe that this process splices into the file, so
-a full local disk is this process's ``ENOSPC``, and a stall is seen here.
+for paramiko. ssh writes the file itself; the caller compares its size with the one the
+host announced (a full local disk leaves it short), and a file that stops growing is a stall.
 """
 from __future__ import annotations
 
 import fcntl
 import os
-import select
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
     from .config import SSHSettings
 
 FROM_BYTES = 256 << 20
-SPLICE = 1 << 20
 LOGIN_FAILED = 255  # ssh's own exit code: it could not connect, verify or log in
 
 
@@ -57,37 +55,27 @@ class Stalled(Exception):
 
 
 def fetch(s: "SSHSettings", command: str, sink_fd: int) -> tuple[int, int, bytes]:
-    """Run ``command`` on the host, its stdout into ``sink_fd`` (a file opened for writing).
-    Returns (exit code, bytes written, stderr). An ``OSError`` writing the file (a full
-    disk) or ``Stalled`` (nothing for ``op_timeout`` seconds) kills ssh and propagates."""
+    """Run ``command`` on the host, its stdout straight into ``sink_fd`` (a file opened for
+    writing: ssh writes it itself, as scp does; a pipe through this process cost 5-20 %).
+    Returns (exit code, size of the file, stderr). ``Stalled`` when the file did not grow for
+    ``op_timeout`` seconds (ssh is killed)."""
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: stderr can never block ssh
-        proc = subprocess.Popen(argv(s, command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err)
-        rc, written = _pump(s, proc, sink_fd)
+        proc = subprocess.Popen(argv(s, command), stdin=subprocess.DEVNULL, stdout=sink_fd, stderr=err)
+        try:
+            size, grew = -1, time.monotonic()
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    now = os.fstat(sink_fd).st_size
+                    if now != size:
+                        size, grew = now, time.monotonic()
+                    elif time.monotonic() - grew > s.op_timeout:
+                        raise Stalled(f"no data for {s.op_timeout:g} s") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         err.seek(0)
-        return rc, written, err.read()
-
-
-def _pump(s: "SSHSettings", proc: subprocess.Popen, sink_fd: int) -> tuple[int, int]:
-    written = 0
-    try:
-        grow_pipe(proc.stdout)
-        out = proc.stdout.fileno()
-        last = time.monotonic()
-        while True:
-            ready, _, _ = select.select([out], [], [], 1.0)
-            if not ready:
-                if time.monotonic() - last > s.op_timeout:
-                    raise Stalled(f"no data for {s.op_timeout:g} s")
-                continue
-            n = os.splice(out, sink_fd, SPLICE)  # pipe to file inside the kernel: no copy here
-            if n == 0:
-                break
-            written += n
-            last = time.monotonic()
-        return proc.wait(timeout=s.op_timeout), written
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        return rc, os.fstat(sink_fd).st_size, err.read()

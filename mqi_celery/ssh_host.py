@@ -8,8 +8,11 @@ never as shell code. Connections are pooled per process (``ssh_pool``).
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 import select
+import shutil
 import shlex
 import stat
 import subprocess
@@ -184,8 +187,10 @@ class SSHHost:
                         if exc.errno in NO_SPACE_ERRNOS:
                             raise local_disk_full(local_path, exc) from exc
                         raise
-                    if rc == BIG:
-                        return self._get_with_openssh(cat, sink)
+                    if rc == BIG:  # its size on stderr first: a short file is told from a whole one
+                        return self._get_with_openssh(
+                            f"[ -f {path} ] || exit {MISSING}; printf 'mqi-size %s\\n' \"$(stat -c %s -- {path})\" >&2; "
+                            f"exec cat -- {path}", sink)
                     conn.moved += sink.tell()
                     return rc, err
                 rc, err = self._call("download", op)
@@ -212,11 +217,13 @@ class SSHHost:
             rc, size, err = openssh.fetch(self.settings, cmd, sink.fileno())
         except openssh.Stalled as exc:
             raise TransferError(f"download from {self.name} stalled: {exc}", transient=True) from exc
-        except OSError as exc:  # the local disk: the pipe's side is ours
-            if exc.errno in NO_SPACE_ERRNOS:
-                raise local_disk_full(Path(sink.name), exc) from exc
-            raise
         sink.seek(size)
+        announced = re.search(rb"^mqi-size (\d+)$", err, re.M)
+        expected = int(announced.group(1)) if announced else None
+        if expected is not None and size < expected and shutil.disk_usage(Path(sink.name).parent).free < expected - size:
+            raise local_disk_full(Path(sink.name), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        if rc == 0 and size != expected:
+            raise TransferError(f"download from {self.name} ended after {size} of {expected} bytes", transient=True)
         if rc == openssh.LOGIN_FAILED:
             if self.guard is not None:
                 self.guard.failed(_tail(err))
