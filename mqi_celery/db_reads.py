@@ -228,7 +228,7 @@ def direct_reads(url: str) -> DirectReads | None:
     ``ConnectionError_``."""
     parsed = DatabaseURL(url)
     try:
-        if parsed.kind == "sqlite" and not parsed.has_options and url.startswith(("sqlite:///", "sqlite+pysqlite:///")):
+        if url.startswith(("sqlite:///", "sqlite+pysqlite:///")) and not parsed.has_options:
             import sqlite3
 
             path = parsed.sqlite_path

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Iterable
 
-from .models import Case, CaseStatus, Job, JobStatus
+from .models import ACTIVE_CASE, TERMINAL_CASE, Case, CaseStatus, Job, JobStatus
 
 Store = Any  # a store.Store, passed in: the store imports this module (its queries name stages and steps)
 
@@ -67,8 +67,6 @@ class JobStep(StrEnum):
 # (a redelivered submit adopts it, never doubles it).
 POLLER_STARTS = (JobStep.WAITING, JobStep.UNSENT, JobStep.UNSENT_SUBMITTED)
 MAY_HAVE_RUN = (JobStep.SUBMITTING, JobStep.UNSENT_SUBMITTED)
-ACTIVE = (CaseStatus.NEW, CaseStatus.QUEUED, CaseStatus.PROCESSING)
-FINISHED = (CaseStatus.COMPLETED, CaseStatus.FAILED)
 
 
 class IllegalStageMove(ValueError):
@@ -141,7 +139,6 @@ def uploaded(store: Store, case_id: str, lease_seconds: float) -> None:
 
 def to_poller(store: Store, case_id: str, *, running: bool = False) -> bool:
     """Stage submit → run once no beam is left to submit; ``running``: shown so."""
-    check_stage_move(Stage.SUBMIT, Stage.RUN)
     moved = store.finish_submits(case_id)
     if moved and running:
         store.update_case(case_id, step=CaseStep.RUNNING.value)
@@ -160,7 +157,7 @@ def failed(store: Store, case_id: str, reason: str, step: CaseStep | None,
     """Stopped with ``reason`` (``step``: the step it failed in, when not the one it was in);
     None if it was over already."""
     return store.update_case(case_id, status=CaseStatus.FAILED, error=reason, lease_until=None, wait_reason=None,
-                             **({"step": CaseStep(step).value} if step else {}), only_from=ACTIVE, events=events)
+                             **({"step": CaseStep(step).value} if step else {}), only_from=ACTIVE_CASE, events=events)
 
 
 def retried(store: Store, case: Case, lease_seconds: float, *, forget_check: bool,
@@ -169,7 +166,7 @@ def retried(store: Store, case: Case, lease_seconds: float, *, forget_check: boo
     return store.update_case(case.case_id, status=CaseStatus.QUEUED, step=CaseStep.QUEUED.value, error=None,
                              attempts=case.attempts + 1, reconciles=0, wait_reason=None,
                              lease_until=_lease(lease_seconds), **({"checked_at": None} if forget_check else {}),
-                             only_from=FINISHED, events=events)
+                             only_from=TERMINAL_CASE, events=events)
 
 
 def restage(store: Store, case_id: str, stage: Stage) -> None:

@@ -14,6 +14,7 @@ host announced (a full local disk leaves it short), and a file that stops growin
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ FROM_BYTES = 256 << 20
 LOGIN_FAILED = 255  # ssh's own exit code: it could not connect, verify or log in
 
 
+@functools.cache  # not a PATH search per download
 def available() -> bool:
     return shutil.which("ssh") is not None
 
