@@ -6,10 +6,10 @@ pipeline relies on.
 """
 from kombu import Exchange, Queue
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.queues import QUEUES, ROUTES
 
-_settings = runtime.settings()
+_settings = context.current().settings
 
 broker_url = _settings.broker.url
 # No task waits on another's result (no chords): results are not stored, so a database
@@ -20,6 +20,9 @@ task_ignore_result = True
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 _amqp = _settings.broker.amqp
+# Read by mqi_celery.celery_app's signal handlers (the app imports no settings of its own).
+mqi_amqp = _amqp
+mqi_logging = {"level": _settings.logging.level, "file": _settings.logging.file}
 if broker_url.startswith("filesystem"):
     # The embedded broker: message files in a folder (written atomically, see
     # mqi_celery.embedded_broker); control_folder enables ping/inspect.

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mqi_celery import runtime  # noqa: E402
+from mqi_celery import context  # noqa: E402
 from tests.casegen import make_case  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
 from tests.testbed.cluster import Testbed  # noqa: E402
@@ -112,8 +112,8 @@ def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 5
                           engine={"command": f"{recorder} {{input_file}}", "timeout_seconds": 600},
                           logging={"file": str(folder / "log" / "mqi.jsonl"), "level": "WARNING"})
     os.environ["MQI_CONFIG"] = str(config)
-    runtime.reset(keep_settings=False)
-    store = runtime.store()
+    context.reset(keep_settings=False)
+    store = context.current().store
     start_logins = tb.accepted_ssh_logins()
     out = open(folder / "up.out", "ab")
     up = subprocess.Popen([sys.executable, "-m", "mqi_celery.cli", "up"], cwd=folder, stdout=out,

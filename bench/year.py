@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mqi_celery import db, runtime  # noqa: E402
+from mqi_celery import context, db  # noqa: E402
 from tests.casegen import make_case  # noqa: E402
 from tests.services import CpuHog  # noqa: E402
 
@@ -45,7 +45,7 @@ def configure(folder: Path, url: str) -> Path:
         "transport": {"remote_root": str(folder / "remote")},
         "logging": {"file": None}}))
     os.environ["MQI_CONFIG"] = str(config)
-    runtime.reset(keep_settings=False)
+    context.reset(keep_settings=False)
     for name in ("inbox", "results", "work", "logs", "broker"):
         (folder / name).mkdir(parents=True, exist_ok=True)
     return config
@@ -53,9 +53,9 @@ def configure(folder: Path, url: str) -> Path:
 
 def fill(folder: Path, cases: int, seed: int = 7) -> list[str]:
     """``cases`` finished cases spread over a year, their jobs and events, their folders."""
-    rng, store = random.Random(seed), runtime.store()
+    rng, store = random.Random(seed), context.current().store
     start = db.utcnow() - timedelta(days=365)
-    inbox = runtime.settings().paths.inbox
+    inbox = context.current().settings.paths.inbox
     ids = []
     for chunk in range(0, cases, 1000):
         case_rows, job_rows, event_rows = [], [], []
@@ -120,8 +120,8 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     started = time.perf_counter()
     ids = fill(folder, cases)
     built = time.perf_counter() - started
-    store, inbox = runtime.store(), runtime.settings().paths.inbox
-    scanner.scan_once()  # the scanner process's index, as after its first scan
+    store, inbox = context.current().store, context.current().settings.paths.inbox
+    scanner.scan_once(context.current())  # the scanner process's index, as after its first scan
     for i in range(new):
         make_case(inbox, f"new_{i:02d}", marker=True)
     figures = {"cases": cases, "build_seconds": round(built, 1)}

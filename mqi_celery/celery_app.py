@@ -1,4 +1,4 @@
-"""The Celery application. Task modules are one per component (see ``queues.TASK_MODULES``)."""
+"""The Celery application. Its task modules are one per queue (``workers``, ``queues.TASK_MODULES``)."""
 import logging
 import os
 import re
@@ -7,7 +7,7 @@ from datetime import datetime
 
 from celery import Celery, signals
 
-from . import logs, metrics, runtime
+from . import logs, metrics
 from .queues import TASK_MODULES
 
 app = Celery("mqi_celery", include=TASK_MODULES)
@@ -28,7 +28,7 @@ def _declare_every_queue(**_):
     """On RabbitMQ every queue of the pipeline exists before Celery binds them for delayed
     retries: it binds all of them, also those no worker here consumes, and a missing one
     made it log "Native delayed delivery will not be available" although retries worked."""
-    if not runtime.settings().broker.amqp:
+    if not app.conf.mqi_amqp:
         return
     try:
         with app.connection_for_write(connect_timeout=5) as conn:
@@ -75,13 +75,12 @@ def queue_depths(queues, *, timeout: float = 2.0) -> dict[str, int | None]:
 @signals.setup_logging.connect
 def _json_logging(**_):
     # Connecting here stops Celery from installing its own handlers: every line is JSON.
-    s = runtime.settings()
-    logs.configure(s.logging.level, s.logging.file)
+    logs.configure(app.conf.mqi_logging["level"], app.conf.mqi_logging["file"])
 
 
 @signals.worker_process_init.connect
 def _fresh_connections(**_):
-    runtime.reset()
+    # The child's context was dropped at the fork (``context``): it connects anew.
     metrics.count_worker(app.amqp.queues.consume_from)  # a prefork child (or a solo worker) executes tasks
 
 

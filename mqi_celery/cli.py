@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.live import Live
 
-from . import runtime
+from . import context
 from .case_view import case_dict, cases_table, inbox_table, overview
 from .cli_common import (JsonOpt, _fail, _interrupt, _settings, _stop, _store, app, cases_app, config_app, console,
                          outside_fault)
@@ -105,7 +105,7 @@ def status(as_json: bool = JsonOpt,
     from .status_view import queue_depths, status_view, system_status
 
     try:
-        s = system_status(_reads(), refresh=refresh)  # never a reading unasked: the host may hang
+        s = system_status(context.current(), _reads(), refresh=refresh)  # never a reading unasked: the host may hang
     except MQIError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the database is down: say so at once
@@ -113,7 +113,7 @@ def status(as_json: bool = JsonOpt,
             raise
         _fail(f"the database ({_settings().database.url.split('@')[-1]}) cannot be reached: "
               f"{str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}")
-    s["queues"] = queue_depths()
+    s["queues"] = queue_depths(context.current())
     if as_json:
         print(json.dumps(s, indent=2))
     else:
@@ -176,7 +176,7 @@ def cases_retry(case_id: str, as_json: bool = JsonOpt):
 
     _case_or_exit(case_id)
     try:
-        case = retry_case(case_id)
+        case = retry_case(context.current(), case_id)
     except MQIError as exc:
         _fail(str(exc))
     print(json.dumps(case_dict(case), indent=2)) if as_json else console.print(
@@ -189,7 +189,7 @@ def cases_cancel(case_id: str, as_json: bool = JsonOpt):
     from .conductor import cancel_case
 
     _case_or_exit(case_id)
-    changed = cancel_case(case_id)
+    changed = cancel_case(context.current(), case_id)
     case = _store().get_case(case_id)
     if as_json:
         print(json.dumps(case_dict(case), indent=2))
@@ -243,7 +243,7 @@ def scan():
     deadline = time.monotonic() + 30
     while True:
         try:
-            registered = scan_once()
+            registered = scan_once(context.current())
             break
         except InboxError as exc:
             _fail(str(exc))
@@ -265,12 +265,12 @@ def run(live: bool = typer.Option(True, help="Live table of cases (off: one line
     from .reconciler import on_startup
 
     settings = _settings()
-    store = runtime.store()  # creates/migrates the database before the worker starts
+    store = context.current().store  # creates/migrates the database before the worker starts
     for folder in (settings.paths.inbox, settings.paths.results, settings.paths.work, settings.paths.logs):
         folder.mkdir(parents=True, exist_ok=True)
     # This process group is the whole installation: nothing of an earlier run is alive, so
     # the reconciler picks up every unfinished case at once (not after its leases expire).
-    on_startup()
+    on_startup(context.current())
     env = dict(os.environ)
     if settings.metrics.port is not None:  # asked for: this host's endpoint, every process counted
         from . import metrics
@@ -342,7 +342,7 @@ def _supervise(workers) -> list[str]:
         if note:
             notes.append(note)
             if number == 0:
-                on_startup()
+                on_startup(context.current())
                 _send_reconcile()
     return notes
 

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from . import runtime
+from . import context
 from .errors import ConfigError
 from .terminal import data
 
@@ -36,7 +36,7 @@ def _global(config: Optional[Path] = typer.Option(None, "--config", "-c", envvar
                                                   help="YAML configuration file (default: built-in embedded setup).")):
     if config is not None:
         os.environ["MQI_CONFIG"] = str(config.resolve())  # children (workers) read the same file
-    runtime.reset(keep_settings=False)
+    context.reset(keep_settings=False)
 
 
 def _fail(message: str, code: int = 1):
@@ -46,14 +46,14 @@ def _fail(message: str, code: int = 1):
 
 def _settings():
     try:
-        return runtime.settings()
+        return context.current().settings
     except ConfigError as exc:
         _fail(str(exc), 2)
 
 
 def _store():
     _settings()
-    return runtime.store()
+    return context.current().store
 
 
 _stop = threading.Event()

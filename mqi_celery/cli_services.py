@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from . import runtime
+from . import context
 from .cli_common import _fail, _interrupt, _settings, _stop, app, console, db_app, deploy_app, outside_fault
 
 
@@ -37,7 +37,7 @@ def up(dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands
         for prog in programs:
             print(f"{prog.name}: {shlex.join(prog.command)}")
         return
-    runtime.store()  # creates/migrates the database once, before the processes race to
+    context.current().store  # creates/migrates the database once, before the processes race to
     for folder in (settings.paths.logs, settings.paths.work):
         folder.mkdir(parents=True, exist_ok=True)
     run_up(settings, programs, say=lambda line: print(line, flush=True))
@@ -51,10 +51,10 @@ def beat():
     from .db import beat_lock
 
     settings.paths.work.mkdir(parents=True, exist_ok=True)
-    with beat_lock(runtime.store().engine, on_wait=lambda: print("another beat holds the lock; waiting", flush=True)):
+    with beat_lock(context.current().store.engine, on_wait=lambda: print("another beat holds the lock; waiting", flush=True)):
         from .celery_app import app as celery
 
-        celery.Beat(loglevel=settings.worker.log_level,
+        celery.Beat(loglevel=settings.logging.level,
                     schedule=str(settings.paths.work / "celerybeat-schedule")).run()
 
 

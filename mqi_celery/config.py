@@ -67,9 +67,9 @@ class Retry(Section):
 
 
 class Worker(Section):
+    """The embedded all-in-one worker of ``mqi run`` (``mqi up`` runs ``processes.workers``)."""
     pool: Literal["prefork", "threads", "solo"] = "prefork"
     concurrency: int = Field(4, ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class SSHSettings(Section):
@@ -416,6 +416,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys an earlier version had, and the one setting that replaced them.
+MOVED = {"worker.log_level": "logging.level"}
+
+
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
@@ -425,7 +429,9 @@ def _explain(err: ValidationError, source: str) -> str:
             known = list(section.model_fields) if section else []
             hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
-            lines.append(f"  {where}: unknown key{suggestion}")
+            moved = MOVED.get(where)
+            lines.append(f"  {where}: merged into {moved}; set it there" if moved else
+                         f"  {where}: unknown key{suggestion}")
         else:
             lines.append(f"  {where}: {e['msg']}")
     return "\n".join(lines)

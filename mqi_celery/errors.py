@@ -118,3 +118,33 @@ def describe(exc: BaseException, step: str) -> str:
         return f"{step}: {exc.strerror.lower()}{where}; fix it, then retry the case"
     return (f"{step} failed unexpectedly (details in the log, under the case's correlation id); "
             "retry the case once fixed")
+
+
+def infrastructure_fault(exc: BaseException) -> bool:
+    """The database or the broker failed, not the case's work."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    return isinstance(exc, BrokerError) or database_fault(exc)
+
+
+# What a database that does not answer says (a query that is wrong says something else).
+_UNREACHABLE = ("could not connect", "connection refused", "connection to server", "server closed the connection",
+                "terminating connection", "connection already closed", "ssl connection has been closed",
+                "the database system is", "could not translate host name", "database is locked")
+
+
+def database_fault(exc: BaseException) -> bool:
+    """The database is down, restarting or lost the connection: not a wrong query (e.g.
+    "no such table"), which is retried within the budget and then fails."""
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+    if isinstance(exc, DisconnectionError):
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "pgcode", None)
+    if code:  # PostgreSQL: connection exception, or the server shutting down
+        return code.startswith(("08", "57P"))
+    return any(words in str(exc.orig).lower() for words in _UNREACHABLE)

@@ -12,14 +12,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from . import admission, case_reader, faults, lifecycle, messages, metrics, runtime
-from .celery_app import app
+from . import admission, case_reader, faults, lifecycle, messages, metrics
 from .errors import Held, MQIError, NoSpace, TransferError, ValidationError
 from .hosts import Host, file_sha256
 from .lifecycle import CaseStep, JobStep, Stage
 from .models import CaseStatus, JobStatus
 from .naming import remote_input_dir, remote_output_dir
-from .tasks import PipelineTask
 
 log = logging.getLogger(__name__)
 
@@ -94,44 +92,44 @@ def results_intact(folder: Path, results: dict[str, str]) -> bool:
     return bool(results) and all((folder / n).is_file() and file_sha256(folder / n) == h for n, h in results.items())
 
 
-@app.task(name="mqi.upload_case", base=PipelineTask, bind=True)
-def upload_case(self, case_id: str) -> str:
-    with in_line(case_id):
-        return _upload(self, case_id)
+def upload_case(ctx, case_id: str, attempt: int = 0) -> str:
+    """Send the case's files (``attempt``: how many times this upload was tried before)."""
+    with in_line(ctx, case_id):
+        return _upload(ctx, case_id, attempt)
 
 
 @contextmanager
-def in_line(case_id: str):
+def in_line(ctx, case_id: str):
     """A transfer slot of the host for the block (``transport.max_transfers``); once it is
     free again, a case waiting for one is sent on. ``Held`` (no slot, or the host cannot
-    take the case now) is announced here; the task parks the case (``tasks.PipelineTask``)."""
+    take the case now) is announced here; the task parks the case (``workers.base.PipelineTask``)."""
     held = False
     try:
-        with admission.transfer_slot():
+        with admission.transfer_slot(ctx):
             held = True
             yield
     except Held as exc:
-        messages.emit("case_waiting", {"reason": str(exc)}, case_id=case_id)
+        messages.emit(ctx, "case_waiting", {"reason": str(exc)}, case_id=case_id)
         raise
     finally:
-        if held and runtime.settings().transport.max_transfers is not None and runtime.store().parked_cases():
+        if held and ctx.settings.transport.max_transfers is not None and ctx.store.parked_cases():
             try:
-                app.send_task("mqi.resume_parked")  # the reconciler's rule for waiting cases, on its queue
+                ctx.sender.send("mqi.resume_parked")  # the reconciler's rule for waiting cases, on its queue
             except Exception as exc:  # noqa: BLE001 - the reconciler's next run resumes them
                 log.warning("could not ask for the waiting cases to resume: %s", exc)
 
 
-def _upload(self, case_id: str) -> str:
-    store = runtime.store()
+def _upload(ctx, case_id: str, attempt: int) -> str:
+    store = ctx.store
     case = store.get_case(case_id)
     if case is not None and case.stage != Stage.UPLOAD:  # redelivered after it finished: the chain goes on
         return "skipped: already uploaded"
-    if case is not None and case.status is CaseStatus.QUEUED and (hold := admission.upload_hold(case)):
+    if case is not None and case.status is CaseStatus.QUEUED and (hold := admission.upload_hold(ctx, case)):
         raise Held(hold)  # it waits QUEUED, with the reason; resumed once the host has room
     case = lifecycle.begin(store, case_id, CaseStep.UPLOADING)
     if case is None:
         return "skipped: case no longer active"
-    host, case_dir = runtime.host(), Path(case.path)
+    host, case_dir = ctx.host, Path(case.path)
     started = time.monotonic()
     try:
         case_reader.require_folder(case_dir)  # removed after it was registered: say so, send nothing
@@ -144,32 +142,31 @@ def _upload(self, case_id: str) -> str:
                                   "or still being copied?); put it back, then retry the case") from None
         raise
     except NoSpace as exc:  # its partial copy is gone: all of it must be sent again
-        messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
-        raise Held(admission.after_full_disk(case, exc)) from exc  # a wait, announced by in_line
+        messages.emit(ctx, "upload_failed", {"reason": str(exc), "attempt": attempt}, case_id=case_id)
+        raise Held(admission.after_full_disk(ctx, case, exc)) from exc  # a wait, announced by in_line
     except MQIError as exc:
-        messages.emit("upload_failed", {"reason": str(exc), "attempt": self.request.retries}, case_id=case_id)
+        messages.emit(ctx, "upload_failed", {"reason": str(exc), "attempt": attempt}, case_id=case_id)
         raise
     metrics.TRANSFER_BYTES.labels(direction="up").inc(sent["bytes"])
     metrics.TRANSFER_SECONDS.labels(direction="up").inc(time.monotonic() - started)
-    messages.emit("upload_success", {**sent, "verified_files": len(case.manifest), "host": host.name,
+    messages.emit(ctx, "upload_success", {**sent, "verified_files": len(case.manifest), "host": host.name,
                                      "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
-    lifecycle.uploaded(store, case_id, runtime.settings().reconciler.lease_seconds)
+    lifecycle.uploaded(store, case_id, ctx.settings.reconciler.lease_seconds)
     return "uploaded"
 
 
-@app.task(name="mqi.download_results", base=PipelineTask, bind=True)
-def download_results(self, case_id: str) -> str:
+def download_results(ctx, case_id: str) -> str:
     """Fetch the results of every beam that completed (failed beams have none)."""
-    with in_line(case_id):
-        return _download(case_id)
+    with in_line(ctx, case_id):
+        return _download(ctx, case_id)
 
 
-def _download(case_id: str) -> str:
-    store, host = runtime.store(), runtime.host()
+def _download(ctx, case_id: str) -> str:
+    store, host = ctx.store, ctx.host
     case = store.get_case(case_id)
     if case is None or case.stage != Stage.COLLECT or lifecycle.begin(store, case_id, CaseStep.DOWNLOADING) is None:
         return "skipped: case not collecting"
-    local_dir = runtime.settings().paths.results / case_id
+    local_dir = ctx.settings.paths.results / case_id
     for job in store.get_case(case_id).jobs:
         if job.status is not JobStatus.COMPLETED or results_intact(local_dir, job.results):
             continue  # failed beams have nothing; a retry keeps what is already verified here
@@ -177,13 +174,13 @@ def _download(case_id: str) -> str:
         try:
             files = download_verified(host, remote_output_dir(host.root, case_id, job.beam), local_dir)
         except NoSpace as exc:
-            raise Held(admission.after_full_disk(case, exc)) from exc  # a wait, announced by in_line
+            raise Held(admission.after_full_disk(ctx, case, exc)) from exc  # a wait, announced by in_line
         except MQIError as exc:
-            messages.emit("download_failed", {"beam": job.beam, "reason": str(exc)}, case_id=case_id)
+            messages.emit(ctx, "download_failed", {"beam": job.beam, "reason": str(exc)}, case_id=case_id)
             raise
         metrics.TRANSFER_BYTES.labels(direction="down").inc(sum((local_dir / n).stat().st_size for n in files))
         metrics.TRANSFER_SECONDS.labels(direction="down").inc(time.monotonic() - started)
         lifecycle.job_step(store, case_id, job.beam, JobStep.DOWNLOADED, results=files)
-        messages.emit("download_success", {"beam": job.beam, "files": files, "host": host.name,
+        messages.emit(ctx, "download_success", {"beam": job.beam, "files": files, "host": host.name,
                                            "seconds": round(time.monotonic() - started, 3)}, case_id=case_id)
     return "downloaded"

@@ -104,7 +104,7 @@ class LocalHost:
     """The cluster side is a folder on this machine (the embedded default, and tests)."""
 
     def __init__(self, root: Path):
-        self.name = "localhost"  # runtime.host_name() says the same without building one
+        self.name = "localhost"  # Context.host_name says the same without building one
         self.root = PurePosixPath(root)
         Path(root).mkdir(parents=True, exist_ok=True)
         # Commands find this installation's tools (mqi-demo-engine) even outside an

@@ -86,3 +86,9 @@ def bound(trace_id: str | None):
         yield
     finally:
         correlation_id.reset(token)
+
+
+def for_case(store, case_id: str):
+    """Log lines and events inside carry the case's correlation id (for loops over cases)."""
+    case = store.get_case(case_id)
+    return bound(case.trace_id if case else None)

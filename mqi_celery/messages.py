@@ -10,7 +10,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from . import logs, runtime
+from . import logs
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def prepare(command: str, payload: dict[str, Any], *, case_id: str | None = None
     }
 
 
-def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None,
+def emit(ctx, command: str, payload: dict[str, Any], *, case_id: str | None = None,
          recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record, log and publish one message (``recorded``: a prepared message already in
     the events table). Publishing is best effort: the events table is the record, the
@@ -68,37 +68,27 @@ def emit(command: str, payload: dict[str, Any], *, case_id: str | None = None,
     component = COMPONENT[command]
     message = recorded or prepare(command, payload, case_id=case_id)
     if command not in SNAPSHOTS and recorded is None:
-        runtime.store().add_event(command, message["payload"], case_id=case_id,
+        ctx.store.add_event(command, message["payload"], case_id=case_id,
                                   correlation_id=message["correlation_id"])
     log.info("%s %s", command, case_id or "", extra={"event": command, "payload": message["payload"]})
-    if _publishing():
+    if _publishing(ctx):
         try:
-            _publish(f"{component}.{command}", message)
+            ctx.sender.publish(ctx.settings.broker.events_exchange, f"{component}.{command}", message)
         except Exception as exc:  # noqa: BLE001 - a subscriber outage must not fail the case
             log.warning("could not publish %s: %s", command, exc)
     return message
 
 
-def emit_recorded(messages: list[dict[str, Any]]) -> None:
+def emit_recorded(ctx, messages: list[dict[str, Any]]) -> None:
     """Log and publish prepared messages already recorded with their state change
     (``lifecycle``)."""
     for message in messages:
-        emit(message["command"], message["payload"], case_id=message["payload"].get("case_id"), recorded=message)
+        emit(ctx, message["command"], message["payload"], case_id=message["payload"].get("case_id"), recorded=message)
 
 
-def _publishing() -> bool:
-    broker = runtime.settings().broker
+def _publishing(ctx) -> bool:
+    broker = ctx.settings.broker
     if broker.publish_events == "auto":
         return broker.amqp
     return broker.publish_events == "always"
 
-
-def _publish(routing_key: str, message: dict[str, Any]) -> None:
-    from kombu import Exchange
-
-    from .celery_app import app
-
-    exchange = Exchange(runtime.settings().broker.events_exchange, type="topic", durable=True)
-    with app.producer_or_acquire() as producer:
-        producer.publish(message, exchange=exchange, routing_key=routing_key, declare=[exchange],
-                         serializer="json", retry=True, retry_policy={"max_retries": 2})

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 
-from . import db, metrics, runtime
+from . import context, db, metrics
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,10 @@ class DatabaseCollector:
 
         from .models import CaseStatus, JobStatus
 
-        settings, up = runtime.settings(), GaugeMetricFamily("mqi_database_up", "The state database answers")
+        ctx = context.current()
+        settings, up = ctx.settings, GaugeMetricFamily("mqi_database_up", "The state database answers")
         try:
-            store = runtime.store()
+            store = ctx.store
             cases, jobs = store.count_by_status()
             hosts = store.host_states()
             # The configured host has a breaker from its first connection on; before that (and
@@ -65,15 +66,16 @@ class DatabaseCollector:
             if disk.get("state") == "ok":
                 family.add_metric([h["host"], "remote"], disk["free_bytes"])
         yield family
-        yield from host_families(store, readings)
+        yield from host_families(ctx, readings)
 
 
-def host_families(store, hosts: list[dict]):
+def host_families(ctx, hosts: list[dict]):
     """The System Curator's latest reading of each host: whether it takes work, and its GPUs."""
     from prometheus_client.core import GaugeMetricFamily
 
     from .admission import accepting_hold, gpu_state
 
+    store = ctx.store
     accepting = GaugeMetricFamily("mqi_host_accepting_work", "1: the host takes new work; 0: new cases or beams "
                                   "wait (unreachable, partition closed, a disk full, GPUs unreadable or taken)",
                                   labels=["host"])
@@ -89,7 +91,7 @@ def host_families(store, hosts: list[dict]):
                               "(someone else's work)", labels=["host", "gpu", "state"])
     for h in hosts:
         reading, host = h["reading"], h["host"]
-        accepting.add_metric([host], 0 if accepting_hold(reading, store.breaker_state(host)) else 1)
+        accepting.add_metric([host], 0 if accepting_hold(ctx, reading, store.breaker_state(host)) else 1)
         age.add_metric([host], (db.utcnow() - h["read_at"]).total_seconds())
         claims = store.claims(host)
         for device in (reading.get("gpus") or {}).get("devices", ()):
@@ -97,7 +99,7 @@ def host_families(store, hosts: list[dict]):
             for key, family in gauges.items():
                 if device.get(key) is not None:
                     family.add_metric([host, index], device[key])
-            now = gpu_state(device, reading, claims)
+            now = gpu_state(ctx, device, reading, claims)
             for name in ("free", "ours", "shared", "busy"):
                 state.add_metric([host, index, name], 1 if name == now else 0)
     yield from (accepting, age, *gauges.values(), state)
@@ -125,7 +127,7 @@ class _LiveCollector:
 def registry():
     from prometheus_client import CollectorRegistry
 
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(runtime.settings().metrics.multiproc_dir)
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(context.current().settings.metrics.multiproc_dir)
     os.makedirs(folder, exist_ok=True)
     reg = CollectorRegistry()
     reg.register(_LiveCollector(folder))

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import engine, lifecycle, messages, metrics, runtime
-from .celery_app import app
+from . import engine, lifecycle, logs, messages, metrics
 from .conductor import collect_finished
 from .db import utcnow
 from .errors import ConnectionError_, MQIError
@@ -20,43 +19,41 @@ from .models import JobStatus
 from .naming import remote_job_dir, remote_output_dir
 from .lifecycle import POLLER_STARTS, JobStep
 from .remote_executor import finish, overdue, start_or_wait, submit
-from .tasks import PeriodicTask, for_case
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="mqi.poll_jobs", base=PeriodicTask, ignore_result=True)
-def poll_jobs() -> int:
+def poll_jobs(ctx) -> int:
     """The control loop, once per poll interval: one scheduler query for every active job
     of the host, a verdict on each job that ended, and finished cases moved on to collect.
     Its cost follows the jobs that changed, never one message per beam."""
-    store, host, scheduler = runtime.store(), runtime.host(), runtime.scheduler()
+    store, host, scheduler = ctx.store, ctx.host, ctx.scheduler
     active = [j for j in store.active_jobs() if j.scheduler == scheduler.kind]
     watching = {j.remote_id: j for j in active if j.finished_at is None}
-    states = _poll(store, host, scheduler, watching) if watching else {}
+    states = _poll(ctx, store, host, scheduler, watching) if watching else {}
     try:
         for job in active:
-            with for_case(job.case_id):
+            with logs.for_case(store, job.case_id):
                 try:
-                    _look_after(store, host, scheduler, job, states.get(job.remote_id), job.remote_id in states)
+                    _look_after(ctx, store, host, scheduler, job, states.get(job.remote_id), job.remote_id in states)
                 except Exception:  # noqa: BLE001 - one job's trouble must not stall the others
                     log.exception("beam %s of %s: could not act on its state; trying again next poll",
                                   job.beam, job.case_id)
     finally:
-        collect_finished()
-        start_waiting()
+        collect_finished(ctx)
+        start_waiting(ctx)
     return len(active)
 
 
-def start_waiting() -> int:
+def start_waiting(ctx) -> int:
     """Beams that waited for their host (a free GPU, a job slot, a partition back up) start
     once it admits them, oldest case first; stops at the first still refused (the same
     host would refuse the next one too)."""
-    store, started = runtime.store(), 0
+    store, started = ctx.store, 0
     for job in store.waiting_jobs():
-        with for_case(job.case_id):
+        with logs.for_case(store, job.case_id):
             try:
-                if not start_or_wait(job.case_id, job.beam, may_read=False):  # never wait on a hanging host here
+                if not start_or_wait(ctx, job.case_id, job.beam, may_read=False):  # never wait on a hanging host here
                     break
             except MQIError as exc:
                 if exc.transient:  # the host did not answer: the beam waits for the next poll
@@ -71,20 +68,20 @@ def start_waiting() -> int:
     return started
 
 
-def _look_after(store, host, scheduler, job, state, answered: bool) -> None:
+def _look_after(ctx, store, host, scheduler, job, state, answered: bool) -> None:
     if state is not None:
         job = _record(store, job, state) or job
     if job.finished_at is not None:
-        _judge(job)
-    elif answered and (reason := overdue(job, scheduler, runtime.settings())):
+        _judge(ctx, job)
+    elif answered and (reason := overdue(job, scheduler, ctx.settings)):
         scheduler.cancel(job.remote_id, remote_job_dir(host.root, job.case_id, job.beam))
-        finish(job.case_id, job.beam, reason)
+        finish(ctx, job.case_id, job.beam, reason)
 
 
-def _poll(store, host, scheduler, watching: dict) -> dict:
+def _poll(ctx, store, host, scheduler, watching: dict) -> dict:
     """States of the watched jobs; {} when the host or its scheduler does not answer (the
     breaker covers a host that is down; a scheduler failing for too long fails its jobs)."""
-    settings = runtime.settings()
+    settings = ctx.settings
     metrics.SCHEDULER_QUERIES.labels(host=host.name, command="poll").inc()
     try:
         states = scheduler.poll({rid: remote_job_dir(host.root, j.case_id, j.beam) for rid, j in watching.items()})
@@ -97,8 +94,8 @@ def _poll(store, host, scheduler, watching: dict) -> dict:
         log.warning("polling %d job(s) on %s failed (for %.0f s): %s", len(watching), host.name, failing, exc)
         if failing > settings.scheduler.max_poll_failure_seconds:
             for job in watching.values():
-                with for_case(job.case_id):
-                        finish(job.case_id, job.beam, f"the scheduler on {host.name} did not answer for "
+                with logs.for_case(store, job.case_id):
+                        finish(ctx, job.case_id, job.beam, f"the scheduler on {host.name} did not answer for "
                                                    f"{failing:.0f} s; last error: {exc}")
         return {}
     store.note_poll(host.name, None)
@@ -115,20 +112,20 @@ def _record(store, job, state):
                             **fields)
 
 
-def _judge(job) -> None:
+def _judge(ctx, job) -> None:
     """The verdict on a run that ended: resubmitted after a node fault, else completed or
     failed from its exit code, log and outputs. Reading them may fail for a while; the
     verdict is tried again at the next poll, a bounded number of times."""
-    settings, store, host, scheduler = runtime.settings(), runtime.store(), runtime.host(), runtime.scheduler()
+    settings, store, host, scheduler = ctx.settings, ctx.store, ctx.host, ctx.scheduler
     case_id, beam = job.case_id, job.beam
     job_dir = remote_job_dir(host.root, case_id, beam)
     try:
         if job.remote_state in scheduler.transient_states and job.resubmits < settings.retry.max_retries:
             log.warning("beam %s of %s ended %s (not the engine's fault); submitting again", beam, case_id,
                         job.remote_state)
-            messages.emit("execution_resubmitted", {"beam": beam, "state": job.remote_state,
+            messages.emit(ctx, "execution_resubmitted", {"beam": beam, "state": job.remote_state,
                                                     "resubmit": job.resubmits + 1}, case_id=case_id)
-            submit(case_id, beam, job.gpu_id, resubmits=job.resubmits + 1)
+            submit(ctx, case_id, beam, job.gpu_id, resubmits=job.resubmits + 1)
             return
         log_tail = host.read_tail(job_dir / "job.log")
         outputs = host.list_files(remote_output_dir(host.root, case_id, beam))
@@ -136,10 +133,10 @@ def _judge(job) -> None:
         return  # the host is unreachable (the breaker counts that): nothing counts against the job
     except MQIError as exc:
         if not exc.transient or job.judge_attempts + 1 >= settings.scheduler.max_judge_attempts:
-            finish(case_id, beam, f"the finished job's log and outputs could not be read "
+            finish(ctx, case_id, beam, f"the finished job's log and outputs could not be read "
                                    f"({job.judge_attempts + 1} attempts): {exc}")
         else:
             store.update_job(case_id, beam, judge_attempts=job.judge_attempts + 1, if_remote_id=job.remote_id)
         return
-    finish(case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format,
+    finish(ctx, case_id, beam, engine.outcome(job.exit_code, log_tail, outputs, settings.engine.output_format,
                                           scheduler.reason_for(job.remote_state or "", job.exit_code)))

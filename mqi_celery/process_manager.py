@@ -40,7 +40,7 @@ def worker_command(settings: Settings, *, queues=WORK_QUEUES, beat: bool = True,
                    pool: str | None = None, concurrency: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "celery", "-A", "mqi_celery", "worker", "-Q", ",".join(queues),
            "--pool", pool or settings.worker.pool, "--concurrency", str(concurrency or settings.worker.concurrency),
-           "--loglevel", settings.worker.log_level, "--hostname", f"{name}@%h"]
+           "--loglevel", settings.logging.level, "--hostname", f"{name}@%h"]
     if beat:
         cmd += ["--beat", "--schedule", str(settings.paths.work / "celerybeat-schedule")]
     return cmd

@@ -4,8 +4,8 @@ import here: the app, its configuration, the Process Manager and `mqi status` re
 # "control" is the poller and the reconciler: the loop that notices finished jobs and
 # stuck cases must never queue behind transfers or engine submissions.
 QUEUES = ("scan", "transfer", "execute", "conductor", "curator", "control")
-TASK_MODULES = ["mqi_celery.scanner", "mqi_celery.file_transfer", "mqi_celery.remote_executor",
-                "mqi_celery.conductor", "mqi_celery.poller", "mqi_celery.curator", "mqi_celery.reconciler"]
+TASK_MODULES = [f"mqi_celery.workers.{name}" for name in ("scan", "transfer", "execute", "conductor", "control",
+                                                          "curator")]
 ROUTES = {
     "mqi.scan_inbox": {"queue": "scan"},
     "mqi.upload_case": {"queue": "transfer"},

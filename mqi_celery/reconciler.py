@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from . import admission, logs, messages, runtime
-from .celery_app import app
-from .tasks import PeriodicTask
+from . import admission, logs, messages
 from .conductor import admit, dispatch, fail_case, request_admission
 from .db import utcnow
 from .lifecycle import Stage
@@ -29,18 +27,13 @@ log = logging.getLogger(__name__)
 STAGE_QUEUE = {Stage.UPLOAD: "transfer", Stage.SUBMIT: "execute", Stage.COLLECT: "transfer"}
 
 
-@app.task(name="mqi.reconcile", base=PeriodicTask, ignore_result=True)
-def reconcile(startup: bool = False) -> dict:
-    return reconcile_once(startup=startup)
-
-
-def reconcile_once(limit: int = 200, *, startup: bool = False) -> dict:
+def reconcile_once(ctx, limit: int = 200, *, startup: bool = False) -> dict:
     """``startup``: the installation has just (re)started, so no task of a leased case is
     alive; each is dispatched again at once, even with messages waiting in its queue."""
-    settings, store = runtime.settings(), runtime.store()
-    summary = {"probed": _probe(), "resumed": resume_parked(), "reconciled": 0, "failed": 0, "postponed": 0}
+    settings, store = ctx.settings, ctx.store
+    summary = {"probed": _probe(ctx), "resumed": resume_parked(ctx), "reconciled": 0, "failed": 0, "postponed": 0}
     expired = store.expired_leases(limit)
-    busy = _busy_queues() if expired and not startup else set()
+    busy = _busy_queues(ctx) if expired and not startup else set()
     for case_id in expired:
         case = store.get_case(case_id)
         with logs.bound(case.trace_id):
@@ -50,20 +43,20 @@ def reconcile_once(limit: int = 200, *, startup: bool = False) -> dict:
                 summary["postponed"] += 1
                 continue
             if case.reconciles >= settings.reconciler.max_reconciles:
-                fail_case(case_id, f"no progress in stage '{case.stage}' after {case.reconciles} re-dispatches "
+                fail_case(ctx, case_id, f"no progress in stage '{case.stage}' after {case.reconciles} re-dispatches "
                                    f"(lost messages or crashing workers); see the worker logs, then `mqi cases retry`")
                 summary["failed"] += 1
                 continue
             reason = _why(case)
-            messages.emit("case_reconciled", {"stage": case.stage, "status": case.status.value,
+            messages.emit(ctx, "case_reconciled", {"stage": case.stage, "status": case.status.value,
                                               "dispatch": case.dispatch, "reason": reason}, case_id=case_id)
             log.warning("case %s reconciled: %s", case_id, reason)
             if case.status is CaseStatus.NEW:  # a new lease first: if validation dies too, we come back
                 store.update_case(case_id, reconciles=case.reconciles + 1,
                                   lease_until=utcnow() + timedelta(seconds=settings.reconciler.lease_seconds))
-                admit(case_id)
+                admit(ctx, case_id)
             else:
-                dispatch(case_id, reconcile=True)
+                dispatch(ctx, case_id, reconcile=True)
             summary["reconciled"] += 1
     return summary
 
@@ -76,49 +69,43 @@ def _why(case) -> str:
             f"installation restarted); dispatched again")
 
 
-@app.task(name="mqi.resume_parked", base=PeriodicTask, ignore_result=True)
-def resume_parked_task() -> int:
-    """``resume_parked`` on request: a transfer ended and cases wait for its slot."""
-    return resume_parked()
-
-
-def resume_parked() -> int:
+def resume_parked(ctx) -> int:
     """Cases that waited for their host go on where they were once it is reachable (its
     breaker closed) and admits them again (room on its disk, its partition up)."""
-    store, breaker = runtime.store(), runtime.breaker()
+    store, breaker = ctx.store, ctx.breaker
     if breaker is not None and breaker.state()[0] != "closed":
         return 0
-    resumed, budget = 0, admission.TransferBudget()
+    resumed, budget = 0, admission.TransferBudget(ctx)
     for case_id in store.parked_cases():
         case = store.get_case(case_id)
         with logs.bound(case.trace_id):
-            hold = admission.still_held(case, budget)
+            hold = admission.still_held(ctx, case, budget)
             if hold is not None:
                 if hold != case.wait_reason:
                     store.update_case(case_id, wait_reason=hold)
                 continue
-            messages.emit("case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
+            messages.emit(ctx, "case_resumed", {"stage": case.stage, "waited_for": case.wait_reason}, case_id=case_id)
             live = case.lease_until is not None and case.lease_until > utcnow()
             if case.status is CaseStatus.NEW:  # its validation was never sent
                 store.update_case(case_id, wait_reason=None,
-                                  lease_until=utcnow() + timedelta(seconds=runtime.settings().reconciler.lease_seconds))
-                request_admission(case_id)
+                                  lease_until=utcnow() + timedelta(seconds=ctx.settings.reconciler.lease_seconds))
+                request_admission(ctx, case_id)
             elif live:  # a live task still carries it: only the note goes
                 store.update_case(case_id, wait_reason=None)
             else:  # a new dispatch clears the note (the poller's stage: it simply polls again)
-                dispatch(case_id, resume=True)  # unless another resume run was first
+                dispatch(ctx, case_id, resume=True)  # unless another resume run was first
         resumed += 1
     return resumed
 
 
-def _probe() -> bool:
+def _probe(ctx) -> bool:
     """Once the breaker's cool-down is over, one light command tells whether the host is back."""
-    breaker = runtime.breaker()
+    breaker = ctx.breaker
     if breaker is None or breaker.state()[0] == "closed":
         return False
-    breaker.probe_soon(runtime.settings().reconciler.interval_seconds / 2)
+    breaker.probe_soon(ctx.settings.reconciler.interval_seconds / 2)
     try:
-        runtime.host().run("true", timeout=30)
+        ctx.host.run("true", timeout=30)
     except Exception as exc:  # noqa: BLE001 - refused by the breaker or failed: it recorded why
         log.info("host probe: %s", exc)
         return False
@@ -126,15 +113,13 @@ def _probe() -> bool:
     return True
 
 
-def _busy_queues() -> set[str]:
+def _busy_queues(ctx) -> set[str]:
     """Queues that hold waiting messages (their depth, asked of the broker once per run);
     a depth the broker does not tell counts as waiting: never re-dispatch blindly."""
-    from .celery_app import queue_depths
-
-    return {queue for queue, depth in queue_depths(set(STAGE_QUEUE.values())).items() if depth != 0}
+    return {queue for queue, depth in ctx.sender.queue_depths(set(STAGE_QUEUE.values())).items() if depth != 0}
 
 
-def on_startup() -> int:
+def on_startup(ctx) -> int:
     """Start-up of a whole installation (``mqi run``): no task of an earlier run is alive,
     so every lease is void and the first reconcile run picks every active case up."""
-    return runtime.store().void_leases()
+    return ctx.store.void_leases()

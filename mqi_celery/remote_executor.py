@@ -8,43 +8,32 @@ from datetime import timedelta
 from pathlib import Path
 
 
-from . import admission, case_reader, engine, faults, lifecycle, messages, metrics, runtime
-from .celery_app import app
+from . import admission, case_reader, engine, faults, lifecycle, messages, metrics
 from .db import utcnow
 from .models import JobStatus
 from .naming import remote_input_dir, remote_job_dir, remote_output_dir
 from .schedulers import JobSpec
 from .lifecycle import MAY_HAVE_RUN, CaseStep, JobStep, Stage
-from .tasks import PipelineTask
 
 log = logging.getLogger(__name__)
 
 
-class SubmitTask(PipelineTask):
-    def hand_over(self, case_id, args, dispatch, reason) -> None:
-        """A beam's submit the broker did not take is the poller's: it writes the beam's
-        input if need be and submits it at its next poll (its siblings may still run, so
-        the case is not dispatched again)."""
-        from celery.exceptions import Reject
-
-        store, beam = runtime.store(), args[1]
-        try:
-            asked = store.get_job(case_id, beam).step == JobStep.SUBMITTING  # its run may exist: keep that known
-            if lifecycle.job_step(store, case_id, beam, JobStep.UNSENT_SUBMITTED if asked else JobStep.UNSENT,
-                                  only_from={JobStatus.PENDING}) is not None:
-                messages.emit("execution_waiting", {"beam": beam, "reason": reason}, case_id=case_id)
-            lifecycle.to_poller(store, case_id, running=True)
-        except Exception as exc:  # noqa: BLE001 - the database too: the broker keeps the message
-            log.error("submit of beam %s of %s: %s; the message goes back to the broker (%s)", beam, case_id,
-                      reason, exc)
-            raise Reject(reason, requeue=True) from exc
+def hand_to_poller(ctx, case_id: str, beam: int, reason: str) -> None:
+    """A beam's submit the broker did not take is the poller's: it writes the beam's input
+    if need be and submits it at its next poll (its siblings may still run, so the case is
+    not dispatched again)."""
+    store = ctx.store
+    asked = store.get_job(case_id, beam).step == JobStep.SUBMITTING  # its run may exist: keep that known
+    if lifecycle.job_step(store, case_id, beam, JobStep.UNSENT_SUBMITTED if asked else JobStep.UNSENT,
+                          only_from={JobStatus.PENDING}) is not None:
+        messages.emit(ctx, "execution_waiting", {"beam": beam, "reason": reason}, case_id=case_id)
+    lifecycle.to_poller(store, case_id, running=True)
 
 
-@app.task(name="mqi.submit_beam", base=SubmitTask, bind=True)
-def submit_beam(self, case_id: str, beam: int) -> str:
+def submit_beam(ctx, case_id: str, beam: int) -> str:
     """Write the beam's MOQUI input and hand the run to the scheduler. A redelivery after a
     crash adopts the run the first delivery started (same token), never a second one."""
-    store = runtime.store()
+    store = ctx.store
     if lifecycle.begin(store, case_id, CaseStep.SUBMITTING) is None:
         return "skipped: case no longer active"
     case = store.get_case(case_id)
@@ -52,34 +41,34 @@ def submit_beam(self, case_id: str, beam: int) -> str:
         return f"skipped: case is in stage {case.stage}"
     job = next(j for j in case.jobs if j.beam == beam)
     if job.status is JobStatus.PENDING:
-        start_or_wait(case_id, beam)
+        start_or_wait(ctx, case_id, beam)
     lifecycle.to_poller(store, case_id, running=True)
     return "submitted"
 
 
-def start_or_wait(case_id: str, beam: int, *, may_read: bool = True) -> bool:
+def start_or_wait(ctx, case_id: str, beam: int, *, may_read: bool = True) -> bool:
     """Submit the beam if its host admits it now (on a direct host: with a GPU of its own),
     its input written first unless it is there; else it waits, with the reason on its case,
     and the poller starts it later (``may_read``: see ``admission.start_beam``)."""
-    store = runtime.store()
+    store = ctx.store
     job = store.get_job(case_id, beam)
     if job.step not in (JobStep.INPUT_WRITTEN, JobStep.WAITING, *MAY_HAVE_RUN):  # past here the folder may hold its run
-        _write_input(store.get_case(case_id), job)
-    grant = admission.start_beam(case_id, beam, may_read=may_read)
+        _write_input(ctx, store.get_case(case_id), job)
+    grant = admission.start_beam(ctx, case_id, beam, may_read=may_read)
     if isinstance(grant, admission.Grant):
-        submit(case_id, beam, grant.gpu)
+        submit(ctx, case_id, beam, grant.gpu)
         return True
     job = store.get_job(case_id, beam)
     if job.step != JobStep.WAITING:
         lifecycle.job_step(store, case_id, beam, JobStep.WAITING, only_from={JobStatus.PENDING})
-        messages.emit("execution_waiting", {"beam": beam, "reason": grant}, case_id=case_id)
+        messages.emit(ctx, "execution_waiting", {"beam": beam, "reason": grant}, case_id=case_id)
     if store.get_case(case_id).wait_reason != grant:
         store.update_case(case_id, wait_reason=grant)
     return False
 
 
-def _write_input(case, job) -> None:
-    settings, host = runtime.settings(), runtime.host()
+def _write_input(ctx, case, job) -> None:
+    settings, host = ctx.settings, ctx.host
     case_dir = Path(case.path)
     case_reader.require_folder(case_dir)  # removed mid-run: the case fails saying so
     machine = case_reader.beam_machine(case_dir, case_reader.plan_file(case.manifest), job.beam)
@@ -90,12 +79,12 @@ def _write_input(case, job) -> None:
                                gantry=engine.gantry_number(machine, settings.engine.gantry_num))
     host.remove_tree(job_dir)  # a rerun starts clean: no old log, exit code or output
     host.write_text(job_dir / "moqui_tps.in", text)
-    lifecycle.job_step(runtime.store(), case.case_id, job.beam, JobStep.INPUT_WRITTEN)
+    lifecycle.job_step(ctx.store, case.case_id, job.beam, JobStep.INPUT_WRITTEN)
 
 
-def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
-    settings, host, scheduler = runtime.settings(), runtime.host(), runtime.scheduler()
-    case, job = runtime.store().get_case(case_id), runtime.store().get_job(case_id, beam)
+def submit(ctx, case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
+    settings, host, scheduler = ctx.settings, ctx.host, ctx.scheduler
+    case, job = ctx.store.get_case(case_id), ctx.store.get_job(case_id, beam)
     job_dir = remote_job_dir(host.root, case_id, beam)
     # Derived from state that only changes after a successful submit (case retries, node-
     # fault resubmits): a redelivery of this submit computes the same token and adopts.
@@ -103,9 +92,9 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     # Recorded before the scheduler is asked: only a delivery that finds this step (an
     # earlier one got this far, then crashed or lost its answer) looks for a run to adopt.
     may_exist = job.step in MAY_HAVE_RUN
-    if not may_exist and lifecycle.job_step(runtime.store(), case_id, beam, JobStep.SUBMITTING,
+    if not may_exist and lifecycle.job_step(ctx.store, case_id, beam, JobStep.SUBMITTING,
                                             only_from={JobStatus.PENDING, JobStatus.RUNNING}) is None:
-        runtime.store().release_claims(case_id, beam)  # cancelled meanwhile: no run, and its GPU back
+        ctx.store.release_claims(case_id, beam)  # cancelled meanwhile: no run, and its GPU back
         return "cancelled"
     spec = JobSpec(name=f"mqi-{case_id}-{beam}", workdir=job_dir,
                    command=engine.command_line(settings.engine, input_file=job_dir / "moqui_tps.in",
@@ -118,15 +107,15 @@ def submit(case_id: str, beam: int, gpu_id: int | None, **fields) -> str:
     started = messages.prepare("execution_started", {"beam": beam, "scheduler": scheduler.kind, "remote_id": remote_id,
                                                      "host": host.name, "gpu": gpu_id}, case_id=case_id)
     recorded = lifecycle.job_submitted(
-        runtime.store(), case_id, beam, started, scheduler=scheduler.kind, remote_id=remote_id, gpu_id=gpu_id,
+        ctx.store, case_id, beam, started, scheduler=scheduler.kind, remote_id=remote_id, gpu_id=gpu_id,
         remote_state=None, exit_code=None, submitted_at=utcnow(), started_at=None, finished_at=None, error=None,
         **fields)
     if recorded is None:  # cancelled while sbatch ran: the run must not keep its GPU
-        runtime.store().release_claims(case_id, beam)
+        ctx.store.release_claims(case_id, beam)
         metrics.SCHEDULER_QUERIES.labels(host=host.name, command="cancel").inc()
         scheduler.cancel(remote_id, job_dir)
         return "cancelled"
-    messages.emit("execution_started", started["payload"], case_id=case_id, recorded=started)  # log, publish
+    messages.emit(ctx, "execution_started", started["payload"], case_id=case_id, recorded=started)  # log, publish
     return remote_id
 
 
@@ -148,17 +137,17 @@ def overdue(job, scheduler, settings) -> str | None:
     return None
 
 
-def finish(case_id: str, beam: int, failure: str | None) -> str:
+def finish(ctx, case_id: str, beam: int, failure: str | None) -> str:
     status = JobStatus.FAILED if failure else JobStatus.COMPLETED
-    job = lifecycle.job_finished(runtime.store(), case_id, beam, failure)
+    job = lifecycle.job_finished(ctx.store, case_id, beam, failure)
     if job is None:  # cancelled meanwhile
-        return runtime.store().get_job(case_id, beam).status.value
+        return ctx.store.get_job(case_id, beam).status.value
     start = job.started_at or job.submitted_at
     if start is not None:
         metrics.STEP.labels(step="run").observe(max(0.0, ((job.finished_at or utcnow()) - start).total_seconds()))
     if failure:
-        messages.emit("execution_failed", {"beam": beam, "reason": failure, "exit_code": job.exit_code},
+        messages.emit(ctx, "execution_failed", {"beam": beam, "reason": failure, "exit_code": job.exit_code},
                       case_id=case_id)
     else:
-        messages.emit("execution_success", {"beam": beam, "exit_code": job.exit_code}, case_id=case_id)
+        messages.emit(ctx, "execution_success", {"beam": beam, "exit_code": job.exit_code}, case_id=case_id)
     return status.value

@@ -24,14 +24,10 @@ from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
-from celery import signals
-
-from . import case_reader, delivery_log, inbox_watch, lifecycle, logs, messages, runtime
-from .celery_app import app
-from .tasks import PeriodicTask, infrastructure_fault
+from . import case_reader, delivery_log, lifecycle, logs, messages
 from .conductor import admit, fail_case, request_admission, run_again
 from .db import utcnow
-from .errors import MQIError
+from .errors import MQIError, infrastructure_fault
 from .lifecycle import CaseStep
 from .models import ACTIVE_CASE
 from .naming import case_id_for, inbox_fault, is_utf8, shown
@@ -236,40 +232,41 @@ def known_paths(store) -> KnownPaths:
     return _known.setdefault(store, KnownPaths())
 
 
-def register(case_dir: Path, admit_case=admit) -> str | None:
+def register(ctx, case_dir: Path, admit_case=admit) -> str | None:
     """Register one ready case and admit it (``admit_case``). Returns its id, or None when
     another scan registered this folder first."""
-    store = runtime.store()
+    store = ctx.store
     case_id = case_id_for(case_dir.name)
     n = 2
     while store.case_id_taken(case_id):  # the same study dropped twice at different paths
         case_id = f"{case_id_for(case_dir.name)}-{n}"
         n += 1
-    if not lifecycle.register(store, case_id, str(case_dir), runtime.settings().reconciler.lease_seconds):
+    if not lifecycle.register(store, case_id, str(case_dir), ctx.settings.reconciler.lease_seconds):
         return None
-    admit_case(case_id)
+    admit_case(ctx, case_id)
     return case_id
 
 
-def _revalidate_if_replaced(case_dir: Path, case_id: str, failed_at, inbox: Path, settings) -> None:
+def _revalidate_if_replaced(ctx, case_dir: Path, case_id: str, failed_at, inbox: Path) -> None:
     """A case that failed validation and was then dropped again (or changed at its top level:
     its folder's change time is later) is validated again by itself once settled."""
+    settings = ctx.settings
     changed = datetime.fromtimestamp(os.lstat(case_dir).st_ctime, timezone.utc).replace(tzinfo=None)
     if changed > failed_at and is_ready(case_dir, inbox, settings.scanner.marker, settings.scanner.settle_seconds):
         from .conductor import retry_case
 
         log.info("case %s changed after it failed validation: validating it again", case_id)
-        retry_case(case_id)
+        retry_case(ctx, case_id)
 
 
-def look_again(path: Path, inbox: Path, index: KnownPaths, unsettled: dict[str, str], admit_case) -> None:
+def look_again(ctx, path: Path, inbox: Path, index: KnownPaths, unsettled: dict[str, str], admit_case) -> None:
     """A validated case whose folder changed after its content was last checked. Nothing
     that matters changed (a marker, the same bytes copied again, files only removed from a
     finished case): noted. Its files changed while it runs: it fails saying what changed
     (its results would not be of what was validated). Another export at a finished case's
     path, or a case failed for a change: it runs again from validation once the folder has
     settled (a folder still changing is not read)."""
-    settings, store = runtime.settings(), runtime.store()
+    settings, store = ctx.settings, ctx.store
     found = store.content_check(str(path))
     if found is None:  # being validated again: nothing to compare with yet
         index.checked.pop(str(path), None)
@@ -285,11 +282,11 @@ def look_again(path: Path, inbox: Path, index: KnownPaths, unsettled: dict[str, 
     change = case_reader.changes_since(path, case.manifest, checked, marker, left_out)
     with logs.bound(case.trace_id):
         if case.status in ACTIVE_CASE and change.what is not None:
-            fail_case(case.case_id, f"its folder changed while the case ran: {change.what}; its results would not "
+            fail_case(ctx, case.case_id, f"its folder changed while the case ran: {change.what}; its results would not "
                                     f"be of what was validated. It runs again from validation once nothing in the "
                                     f"folder changed for scanner.settle_seconds ({settle:g} s)", step=CaseStep.FOLDER_CHANGED)
         elif change.what is not None and (change.new_content or case.step == CaseStep.FOLDER_CHANGED):
-            run_again(case.case_id, change.what, admit_case)
+            run_again(ctx, case.case_id, change.what, admit_case)
         elif change.touched:  # looked at once: not again until something else changes
             if change.what is not None:
                 log.info("case %s is finished; files were only removed from its folder (%s): nothing to compute",
@@ -304,16 +301,16 @@ class InboxError(MQIError):
         super().__init__(message, transient=False)
 
 
-def announce_inbox(fault: str | None) -> None:
+def announce_inbox(ctx, fault: str | None) -> None:
     """An event when the inbox goes missing and when it is back (once each, not per scan)."""
-    store = runtime.store()
+    store = ctx.store
     last = store.last_event(None, ("inbox_unavailable", "inbox_available"))
     if fault and last != "inbox_unavailable":
         log.error("%s", fault)
-        messages.emit("inbox_unavailable", {"reason": fault})
+        messages.emit(ctx, "inbox_unavailable", {"reason": fault})
     elif not fault and last == "inbox_unavailable":
         log.info("the inbox is back")
-        messages.emit("inbox_available", {"inbox": str(runtime.settings().paths.inbox)})
+        messages.emit(ctx, "inbox_available", {"inbox": str(ctx.settings.paths.inbox)})
 
 
 class ScanBusy(MQIError):
@@ -322,7 +319,7 @@ class ScanBusy(MQIError):
                          "`mqi inbox`", transient=True)
 
 
-def scan_once(admit_case=admit) -> list[str]:
+def scan_once(ctx, admit_case=admit) -> list[str]:
     """Register every ready new case and admit it (``admit_case``: here, or a message to the
     conductor); record what cannot be a case. Returns the new ids. An inbox that cannot be
     scanned raises ``InboxError`` (and is announced once; its return too). One scan at a time
@@ -330,17 +327,17 @@ def scan_once(admit_case=admit) -> list[str]:
     newer one had already cleared, and `mqi inbox` would flicker."""
     from . import db
 
-    with db.slot(runtime.store().engine, "scan", 1) as held:
+    with db.slot(ctx.store.engine, "scan", 1) as held:
         if held is None:
             raise ScanBusy()
-        return _scan(admit_case)
+        return _scan(ctx, admit_case)
 
 
-def _scan(admit_case) -> list[str]:
-    settings, store = runtime.settings(), runtime.store()
+def _scan(ctx, admit_case) -> list[str]:
+    settings, store = ctx.settings, ctx.store
     inbox = Path(os.path.realpath(settings.paths.inbox))
     fault = inbox_fault(inbox)
-    announce_inbox(fault)
+    announce_inbox(ctx, fault)
     if fault:
         raise InboxError(fault)
     index = known_paths(store)
@@ -357,9 +354,9 @@ def _scan(admit_case) -> list[str]:
         looked.add(str(path))
         try:
             if str(path) in invalid:
-                _revalidate_if_replaced(path, *invalid[str(path)], inbox, settings)
+                _revalidate_if_replaced(ctx, path, *invalid[str(path)], inbox)
             else:
-                look_again(path, inbox, index, unsettled, admit_case)
+                look_again(ctx, path, inbox, index, unsettled, admit_case)
         except FileNotFoundError:
             pass  # removed while we looked
         except Exception as exc:  # noqa: BLE001 - one folder must not stop the scan of the others
@@ -385,7 +382,7 @@ def _scan(admit_case) -> list[str]:
             if finding.problem is not None:
                 problems[where] = finding.problem
                 continue
-            case_id = register(finding.path, admit_case)
+            case_id = register(ctx, finding.path, admit_case)
             index.paths.add(str(finding.path))  # registered now, by us or by another scan
             if case_id:
                 registered.append(case_id)
@@ -403,15 +400,15 @@ def _scan(admit_case) -> list[str]:
             look(Path(path))
     if stray := stray_marker(inbox, settings.scanner.marker):
         problems[settings.scanner.marker] = stray
-    _admit_settled(admit_case, settings.scanner.settle_seconds)
-    _record({**unsettled, **problems}, recorded, quiet=set(unsettled))
+    _admit_settled(ctx, admit_case, settings.scanner.settle_seconds)
+    _record(ctx, {**unsettled, **problems}, recorded, quiet=set(unsettled))
     return registered
 
 
-def _admit_settled(admit_case, settle_seconds: float) -> None:
+def _admit_settled(ctx, admit_case, settle_seconds: float) -> None:
     """Cases whose validation waited for their copy to end are validated again once nothing
     in their folder changed for ``settle_seconds`` (or it is gone: validation says so)."""
-    store = runtime.store()
+    store = ctx.store
     for case_id, path in store.settling_cases():
         try:
             if not settled(Path(path), settle_seconds):
@@ -421,39 +418,38 @@ def _admit_settled(admit_case, settle_seconds: float) -> None:
         except OSError as exc:  # unreadable now: looked at again at the next scan
             log.warning("case %s could not be checked for settling: %s", case_id, exc.strerror)
             continue
-        if lifecycle.settled(store, case_id, runtime.settings().reconciler.lease_seconds):
+        if lifecycle.settled(store, case_id, ctx.settings.reconciler.lease_seconds):
             log.info("case %s settled: validating it again", case_id)
-            admit_case(case_id)
+            admit_case(ctx, case_id)
 
 
-def _record(current: dict[str, str], recorded: dict[str, str], quiet: set[str]) -> None:
+def _record(ctx, current: dict[str, str], recorded: dict[str, str], quiet: set[str]) -> None:
     """Store what the inbox holds that is not (yet) a case; each new problem is announced
     once (an entry still settling, ``quiet``, is shown, not announced)."""
     if current == recorded:
         return
-    for where in runtime.store().replace_inbox_problems(current, recorded):
+    for where in ctx.store.replace_inbox_problems(current, recorded):
         if where not in quiet:
-            messages.emit("inbox_entry_refused", {"entry": where, "reason": current[where]})
+            messages.emit(ctx, "inbox_entry_refused", {"entry": where, "reason": current[where]})
 
 
-@app.task(name="mqi.scan_inbox", base=PeriodicTask, ignore_result=True)
-def scan_inbox() -> int:
+def scan_for_admission(ctx) -> int:
     """The periodic scan costs registration only: validating (reading plans, hashing every
     file) is the conductor's work, one message per new case (one the broker does not take
     waits for the reconciler's next run). Returns how many it registered (each is logged
     with its own correlation id; a list of ids in Celery's result line would carry none)."""
     try:
-        return len(scan_once(admit_case=request_admission))
+        return len(scan_once(ctx, admit_case=request_admission))
     except InboxError:
         return 0  # said once (event, log, mqi status); the next scan looks again
     except ScanBusy:
         return 0  # the running scan covers this one; the next periodic scan sees what came since
 
 
-def folders_to_watch() -> dict[str, bool]:
+def folders_to_watch(ctx) -> dict[str, bool]:
     """Where a new case can show up (False): the folders the scan looks into for cases; and
     the case folders not registered yet (True: their ready marker)."""
-    settings, store = runtime.settings(), runtime.store()
+    settings, store = ctx.settings, ctx.store
     inbox = Path(os.path.realpath(settings.paths.inbox))
     walked: list[Path] = []
     known = known_paths(store).refresh(store)
@@ -462,15 +458,3 @@ def folders_to_watch() -> dict[str, bool]:
     pending = [f.path for f in survey(inbox, settings.scanner.max_depth, settings.scanner.marker, known,
                                       walked=walked.append)]
     return {**{str(p): True for p in pending}, **{str(p): False for p in walked}}
-
-
-WATCH_REFRESH_SECONDS = 2.0  # new folders are watched within this even without an event (a survey: cheap)
-
-
-@signals.beat_init.connect
-def _watch_the_inbox(**_):
-    """Beat runs once per installation: so does the watch."""
-    scanner = runtime.settings().scanner
-    if scanner.watch:
-        inbox_watch.start(folders_to_watch, lambda: scan_inbox.apply_async(expires=scanner.interval_seconds),
-                          scanner.marker, refresh_seconds=min(scanner.interval_seconds, WATCH_REFRESH_SECONDS))

@@ -9,23 +9,23 @@ from pathlib import Path
 from rich.console import Group
 from rich.table import Table
 
-from . import admission, runtime
+from . import admission
 from .admission import human_size as size
 from .models import CaseStatus, JobStatus
 from .naming import inbox_fault
 from .terminal import data, in_markup
 
 
-def host_status(reads, reading: dict | None, read_at=None) -> dict:
+def host_status(ctx, reads, reading: dict | None, read_at=None) -> dict:
     """The reading, interpreted: each GPU free, ours, shared or someone else's; whether the
     host takes new work and, if not, why (the same rule admission applies)."""
-    settings, host = runtime.settings(), runtime.host_name()
+    settings, host = ctx.settings, ctx.host_name
     claims, breaker = reads.claims(host), reads.breaker_state(host)
-    hold = inbox_fault(Path(os.path.realpath(settings.paths.inbox))) or admission.accepting_hold(
+    hold = inbox_fault(Path(os.path.realpath(settings.paths.inbox))) or admission.accepting_hold(ctx, 
         reading, breaker if settings.transport.kind == "ssh" else ("closed", None, None))
     reading = reading or {}
     gpu_part, disk, nodes = reading.get("gpus") or {}, reading.get("disk") or {}, reading.get("nodes") or {}
-    gpus = [_gpu(d, reading, claims) for d in gpu_part.get("devices", ())]
+    gpus = [_gpu(ctx, d, reading, claims) for d in gpu_part.get("devices", ())]
     unknown = [f"{name}: {part['reason']}" for name, part in (("GPUs", gpu_part), ("disk", disk), ("Slurm", nodes))
                if part.get("state") == "unknown"]
     unknown += [f"a GPU: {line}" for line in gpu_part.get("unreadable", ())]
@@ -48,35 +48,34 @@ def host_status(reads, reading: dict | None, read_at=None) -> dict:
     }
 
 
-def _gpu(device: dict, reading: dict, claims: dict) -> dict:
+def _gpu(ctx, device: dict, reading: dict, claims: dict) -> dict:
     holder = claims.get(f"gpu:{device['index']}")
     total, used = device.get("memory_total_mib"), device.get("memory_used_mib")
     free = device.get("memory_free_mib")
     return {**device, "memory_free_mib": free if free is not None else (total - used if total and used is not None
                                                                           else None),
-            "state": admission.gpu_state(device, reading, claims),
+            "state": admission.gpu_state(ctx, device, reading, claims),
             "claimed_by": {"case_id": holder[0], "beam": holder[1]} if holder else None}
 
 
-def system_status(reads, *, refresh: bool = True) -> dict:
+def system_status(ctx, reads, *, refresh: bool = True) -> dict:
     """The host's picture (a new reading unless ``refresh`` is false) and the work in flight,
     read through ``reads`` (the Store, or ``mqi status``'s own connection: no SQLAlchemy)."""
     if refresh:
-        admission.take_reading()
-    reading, read_at = reads.reading(runtime.host_name())
+        admission.take_reading(ctx)
+    reading, read_at = reads.reading(ctx.host_name)
     cases, jobs = reads.count_by_status()
-    return {**host_status(reads, reading, read_at),
+    return {**host_status(ctx, reads, reading, read_at),
             "cases": {s.value: cases.get(s.value, 0) for s in CaseStatus},
             "jobs": {s.value: jobs.get(s.value, 0) for s in JobStatus},
             "waiting": reads.waiting_cases()}
 
 
-def queue_depths() -> dict[str, int | None]:
+def queue_depths(ctx) -> dict[str, int | None]:
     """Messages waiting per queue, asked of the broker (None where it does not say)."""
-    from .celery_app import queue_depths as ask
     from .queues import QUEUES
 
-    return ask(QUEUES)
+    return ctx.sender.queue_depths(QUEUES)
 
 
 def _yes(value) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mqi_celery import runtime
+from mqi_celery import context
+from mqi_celery.config import load_settings
 from tests.pipeline_cluster import cluster  # noqa: F401  (workers + testbed, per test)
 from tests.polling import poll_until  # noqa: F401  (tests import it from here)
 from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (the real sshd + Slurm, for every test)
@@ -106,16 +107,22 @@ def write_config(folder: Path, **sections) -> Path:
 
 @pytest.fixture
 def config_file(tmp_path, monkeypatch):
-    """Point this process (runtime singletons) at a fresh per-test configuration."""
+    """Point this process (its context) at a fresh per-test configuration."""
     def configure(**sections) -> Path:
         path = write_config(tmp_path, **sections)
-        monkeypatch.setenv("MQI_CONFIG", str(path))
-        runtime.reset(keep_settings=False)
+        monkeypatch.setenv("MQI_CONFIG", str(path))  # for the processes a test starts
+        context.use(context.Context(load_settings(path)))
         return path
 
     configure()
     yield configure
-    runtime.reset(keep_settings=False)
+    context.use(None)
+
+
+@pytest.fixture
+def ctx(config_file) -> context.Context:
+    """The test's context (a test that configures again asks ``context.current()``)."""
+    return context.current()
 
 
 class Embedded:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from tests.conftest import write_config
 from tests.polling import poll_until
 from tests.services import postgres_database, rabbitmq_vhost
@@ -59,7 +59,7 @@ class Installation:
         self.config = write_config(folder, **base)
         self.env = {**os.environ, "MQI_CONFIG": str(self.config)}
         monkeypatch.setenv("MQI_CONFIG", str(self.config))  # this process reads the same store
-        runtime.reset(keep_settings=False)
+        context.reset(keep_settings=False)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -118,7 +118,7 @@ def installation(tmp_path, monkeypatch):
         finally:
             for inst in made:
                 inst.stop()
-            runtime.reset(keep_settings=False)
+            context.reset(keep_settings=False)
 
 
 def wait_answering(inst: Installation, names: set[str], timeout: float = 120) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus
 from mqi_celery.queues import QUEUES
 from tests.casegen import STUDY_UID, make_case
@@ -81,7 +81,7 @@ def cluster(tmp_path, config_file, slurm_testbed):
 
 
 def wait_finished(case_id: str, timeout: float = 180):
-    store = runtime.store()
+    store = context.current().store
 
     def finished():
         case = store.get_case(case_id)
@@ -91,7 +91,7 @@ def wait_finished(case_id: str, timeout: float = 180):
 
 def running_job(case_id: str, beam: int):
     """The job once Slurm runs it (None before the case is even registered)."""
-    case = runtime.store().get_case(case_id)
+    case = context.current().store.get_case(case_id)
     job = next((j for j in case.jobs if j.beam == beam), None) if case else None
     return job if job and job.remote_state == "RUNNING" else None
 

@@ -1,5 +1,5 @@
 """Three pipeline tasks for the retry test (loaded into a real worker with ``-I``): each
-fails its first run with a transient fault, so the one retry rule (``tasks.PipelineTask``)
+fails its first run with a transient fault, so the one retry rule (``workers.base.PipelineTask``)
 schedules a retry, and records every run in the file ``MQI_PROBE_LOG``."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 from mqi_celery.celery_app import app
 from mqi_celery.errors import TransferError
-from mqi_celery.tasks import PipelineTask
+from mqi_celery.workers.base import PipelineTask
 
 
 def _run(kind: str, case_id: str, retries: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import engine, runtime
+from mqi_celery import context, engine
 from mqi_celery.case_reader import manifest, read_case
 from mqi_celery.errors import ValidationError
 from mqi_celery.models import CaseStatus
@@ -82,7 +82,7 @@ def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
     validates what it registers) of the entry beside a valid case."""
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
     config_file(scanner={"settle_seconds": 0})  # every entry copied in completely: ready at once
-    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    store, inbox = context.current().store, context.current().settings.paths.inbox
     for entry in ([bad] if bad is VALID else [bad, VALID]):
         entry.build(inbox)
     if bad.decided_by == "validator":
@@ -99,8 +99,8 @@ def test_each_corpus_case_ends_as_expected(bad, config_file, monkeypatch):
                 assert {engine.gantry_number(b.machine, None) for b in info.beams} == {bad.expect["gantry"]}
 
     registered: list[str] = []
-    assert read_outside(inbox, lambda: registered.extend(scan_once())) == []
-    assert read_outside(inbox, lambda: registered.extend(scan_once())) == []  # a second scan adds nothing
+    assert read_outside(inbox, lambda: registered.extend(scan_once(context.current()))) == []
+    assert read_outside(inbox, lambda: registered.extend(scan_once(context.current()))) == []  # a second scan adds nothing
 
     cases = store.list_cases()
     assert len({c.path for c in cases}) == len(cases) == len(registered) == (2 if bad.registers and bad is not VALID
@@ -136,20 +136,21 @@ def _inbox_events(store) -> list[dict]:
         return [r.payload for r in s.scalars(select(db.EventRow).where(db.EventRow.command == "inbox_entry_refused"))]
 
 
-def test_a_fixed_inbox_entry_is_no_longer_reported(config_file, monkeypatch):
+def test_a_fixed_inbox_entry_is_no_longer_reported(ctx, config_file, monkeypatch):
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
     config_file(scanner={"settle_seconds": 0})
-    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    ctx = context.current()  # configured again: its new context
+    store, inbox = context.current().store, context.current().settings.paths.inbox
     (inbox / "late_case").mkdir(parents=True)
-    scan_once()
+    scan_once(ctx)
     assert list(store.inbox_problems()) == ["late_case"]
     shutil.rmtree(inbox / "late_case")
     make_case(inbox, "late_case")  # the copy arrives
-    assert scan_once() == ["late_case"]
+    assert scan_once(ctx) == ["late_case"]
     assert store.inbox_problems() == {}
 
 
-def test_one_entry_that_breaks_the_scan_is_recorded_once_and_the_others_go_on(config_file, monkeypatch, caplog):
+def test_one_entry_that_breaks_the_scan_is_recorded_once_and_the_others_go_on(ctx, config_file, monkeypatch, caplog):
     import mqi_celery.scanner as scanner
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
@@ -161,60 +162,61 @@ def test_one_entry_that_breaks_the_scan_is_recorded_once_and_the_others_go_on(co
         return real_is_ready(path, *args, **kwargs)
 
     monkeypatch.setattr(scanner, "is_ready", is_ready)
-    inbox = runtime.settings().paths.inbox
+    inbox = context.current().settings.paths.inbox
     make_case(inbox, "a_cursed", marker=True)
     make_case(inbox, "b_fine", marker=True)
     with caplog.at_level("WARNING", logger="mqi_celery.scanner"):
-        assert scan_once() == ["b_fine"]
-        assert scan_once() == []
-    problems = runtime.store().inbox_problems()
+        assert scan_once(ctx) == ["b_fine"]
+        assert scan_once(ctx) == []
+    problems = context.current().store.inbox_problems()
     assert problems == {"a_cursed": "could not be scanned: unexpected fault (details in the log); fix it or remove it"}
     assert [r.message for r in caplog.records] == ["inbox entry a_cursed could not be scanned"]  # once, not per scan
 
 
-def test_a_case_still_settling_is_listed_as_waiting_and_not_announced(config_file, monkeypatch):
+def test_a_case_still_settling_is_listed_as_waiting_and_not_announced(ctx, config_file, monkeypatch):
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
     config_file(scanner={"settle_seconds": 3600})
-    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    ctx = context.current()  # configured again: its new context
+    store, inbox = context.current().store, context.current().settings.paths.inbox
     make_case(inbox, "copying")
-    assert scan_once() == []
+    assert scan_once(ctx) == []
     assert store.inbox_problems() == {"copying": "not registered yet: waiting until nothing in it has changed for "
                                                  "scanner.settle_seconds (3600 s), or until a _CASE_READY file is "
                                                  "put in it"}
     assert _inbox_events(store) == []
     (inbox / "copying" / "_CASE_READY").touch()
-    assert scan_once() == ["copying"] and store.inbox_problems() == {}
+    assert scan_once(ctx) == ["copying"] and store.inbox_problems() == {}
 
 
 # --- input preparation: a case that vanishes mid-run -----------------------------------------
 def _admitted_case(inbox: Path) -> str:
     make_case(inbox, "vanishing", marker=True)
-    [case_id] = scan_once()
+    [case_id] = scan_once(context.current())
     return case_id
 
 
-def test_a_case_removed_before_upload_fails_saying_so(config_file, monkeypatch):
+def test_a_case_removed_before_upload_fails_saying_so(ctx, config_file, monkeypatch):
     from mqi_celery.file_transfer import upload_case
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
-    case_id = _admitted_case(runtime.settings().paths.inbox)
-    shutil.rmtree(runtime.settings().paths.inbox / "vanishing")
+    case_id = _admitted_case(context.current().settings.paths.inbox)
+    shutil.rmtree(context.current().settings.paths.inbox / "vanishing")
     with pytest.raises(ValidationError) as err:
-        upload_case(case_id)
+        upload_case(ctx, case_id)
     assert str(err.value).startswith("the case folder vanishing was removed (or renamed) from the inbox; put it back")
 
 
-def test_a_case_removed_after_upload_fails_saying_so_when_its_input_is_prepared(config_file, monkeypatch):
+def test_a_case_removed_after_upload_fails_saying_so_when_its_input_is_prepared(ctx, config_file, monkeypatch):
     from mqi_celery.file_transfer import upload_case
     from mqi_celery.remote_executor import submit_beam
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
-    case_id = _admitted_case(runtime.settings().paths.inbox)
-    assert upload_case(case_id) == "uploaded"
-    shutil.rmtree(runtime.settings().paths.inbox / "vanishing")
+    case_id = _admitted_case(context.current().settings.paths.inbox)
+    assert upload_case(ctx, case_id) == "uploaded"
+    shutil.rmtree(context.current().settings.paths.inbox / "vanishing")
     with pytest.raises(ValidationError, match="the case folder vanishing was removed"):
-        submit_beam(case_id, 2)
-    assert runtime.store().get_job(case_id, 2).remote_id is None  # nothing was submitted
+        submit_beam(ctx, case_id, 2)
+    assert context.current().store.get_job(case_id, 2).remote_id is None  # nothing was submitted
 
 
 # --- everything at once, as a user would drop it ----------------------------------------------
@@ -261,24 +263,24 @@ def test_the_whole_corpus_at_once_through_the_embedded_pipeline(embedded, tmp_pa
     print("\nCORPUS-TABLE", json.dumps(sorted(rows)))
 
 
-def test_a_case_changed_after_validation_fails_its_upload_and_a_retry_validates_it_again(config_file, monkeypatch):
+def test_a_case_changed_after_validation_fails_its_upload_and_a_retry_validates_it_again(ctx, config_file, monkeypatch):
     from mqi_celery.conductor import fail_case, retry_case
     from mqi_celery.file_transfer import upload_case
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
-    inbox = runtime.settings().paths.inbox
+    inbox = context.current().settings.paths.inbox
     case_id = _admitted_case(inbox)
     (inbox / "vanishing" / "notes.txt").write_text("added after validation")
     plan = next((inbox / "vanishing").glob("RP*.dcm"))
     plan.write_bytes(plan.read_bytes() + b"\0\0")  # re-exported meanwhile
     with pytest.raises(ValidationError) as err:
-        upload_case(case_id)
+        upload_case(ctx, case_id)
     assert str(err.value) == (f"{plan.name} changed in the case folder after the case was validated (was it still "
                               "being copied?); retry the case to validate it again")
-    fail_case(case_id, str(err.value))  # what the failed task's stop_case does
-    assert retry_case(case_id).status is CaseStatus.QUEUED
-    assert "notes.txt" in runtime.store().get_case(case_id).manifest
-    assert upload_case(case_id) == "uploaded"
+    fail_case(ctx, case_id, str(err.value))  # what the failed task's stop_case does
+    assert retry_case(ctx, case_id).status is CaseStatus.QUEUED
+    assert "notes.txt" in context.current().store.get_case(case_id).manifest
+    assert upload_case(ctx, case_id) == "uploaded"
 
 
 @pytest.mark.timeout(300)
@@ -301,7 +303,7 @@ def test_a_file_swapped_for_a_link_after_validation_is_never_read_or_uploaded(co
     from mqi_celery.file_transfer import upload_case
 
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
-    inbox = runtime.settings().paths.inbox
+    inbox = context.current().settings.paths.inbox
     case_id = _admitted_case(inbox)
     secret = inbox.parent / "outside" / "secret.ptn"
     secret.parent.mkdir()
@@ -313,29 +315,29 @@ def test_a_file_swapped_for_a_link_after_validation_is_never_read_or_uploaded(co
 
     def upload():
         try:
-            upload_case(case_id)
+            upload_case(context.current(), case_id)
         except ValidationError as exc:
             errors.append(exc)
     assert read_outside(inbox, upload) == []
     rel = f"{victim.parent.name}/{victim.name}"
     assert str(errors[0]).startswith(f"{rel} became a symbolic link after the case was validated")
-    remote = Path(runtime.settings().transport.remote_root)
+    remote = Path(context.current().settings.transport.remote_root)
     assert not any(b"must never be read" in f.read_bytes() for f in remote.rglob("*") if f.is_file())
     assert not list(remote.rglob("*.staging"))
 
 
-def test_a_case_dropped_again_after_it_failed_validation_is_validated_again(config_file, monkeypatch):
+def test_a_case_dropped_again_after_it_failed_validation_is_validated_again(ctx, config_file, monkeypatch):
     monkeypatch.setattr("mqi_celery.conductor.dispatch", lambda *a, **k: True)
-    store, inbox = runtime.store(), runtime.settings().paths.inbox
+    store, inbox = context.current().store, context.current().settings.paths.inbox
     broken = make_case(inbox, "redropped", marker=True)
     next(broken.glob("*/*.ptn")).unlink()
-    assert scan_once() == ["redropped"]  # just copied: validated again once settled, then failed for good
-    poll_until(lambda: (scan_once() or True) and store.get_case("redropped").status is CaseStatus.FAILED, 60, 0.5,
+    assert scan_once(ctx) == ["redropped"]  # just copied: validated again once settled, then failed for good
+    poll_until(lambda: (scan_once(context.current()) or True) and store.get_case("redropped").status is CaseStatus.FAILED, 60, 0.5,
                "the broken case to fail once settled")
-    assert scan_once() == [] and store.get_case("redropped").attempts == 0  # unchanged: left alone
+    assert scan_once(ctx) == [] and store.get_case("redropped").attempts == 0  # unchanged: left alone
     shutil.rmtree(broken)
     make_case(inbox, "redropped", marker=True)  # the corrected copy, at the same place
-    scan_once()
+    scan_once(ctx)
     case = store.get_case("redropped")
     assert case.status is CaseStatus.QUEUED and case.error is None and case.attempts == 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.queues import QUEUES
 from tests.casegen import STUDY_UID, make_case
@@ -21,7 +21,7 @@ def test_real_case_completes_on_slurm_over_ssh(tmp_path, cluster):
     case = wait_finished(STUDY_UID)
     assert case.status is CaseStatus.COMPLETED, case.error
     assert [(j.beam, j.status, j.scheduler) for j in case.jobs] == [(b, JobStatus.COMPLETED, "slurm") for b in (2, 3, 4)]
-    events = runtime.store().events(STUDY_UID)
+    events = context.current().store.events(STUDY_UID)
     upload = next(e for e in events if e["command"] == "upload_success")
     assert upload["payload"]["verified_files"] == len(case.manifest)
     assert len(case.manifest) == 1 + 3 * 2 + 2 * (34 + 32 + 42)  # plan, txt files, .ptn + .mgn
@@ -73,7 +73,7 @@ def test_cancel_runs_scancel_and_fails_case_and_jobs(tmp_path, cluster):
     cluster.configure(engine_args="--fail hang")
     cluster.start()
     drop_case(tmp_path / "inbox", "cancelme")
-    store = runtime.store()
+    store = context.current().store
     # Two fake GPUs: two beams run, the third waits in Slurm's queue; all three are cancelled.
     # (Beams are submitted in parallel: which two run first is Slurm's choice.)
     poll_until(lambda: any(running_job("cancelme", b) for b in (2, 3, 4))
@@ -81,7 +81,7 @@ def test_cancel_runs_scancel_and_fails_case_and_jobs(tmp_path, cluster):
                120, what="every beam submitted, two running")
     ids = [j.remote_id for j in store.get_case("cancelme").jobs]
     before = len(cluster.tb.scheduler_calls())
-    assert cancel_case("cancelme")
+    assert cancel_case(context.current(), "cancelme")
     case = store.get_case("cancelme")
     assert case.status is CaseStatus.FAILED and case.error == "cancelled"
     assert all(j.status is JobStatus.FAILED and j.error == "cancelled" for j in case.jobs)
@@ -135,7 +135,7 @@ def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):
     from mqi_celery.store import NewJob
 
     cluster.configure()
-    store, scheduler = runtime.store(), runtime.scheduler()
+    store, scheduler = context.current().store, context.current().scheduler
     for c in range(10):
         store.register_case(f"busy{c}", f"/inbox/busy{c}")
         store.add_jobs(f"busy{c}", [NewJob(b, f"b{b}", "d") for b in (2, 3, 4)])
@@ -145,7 +145,7 @@ def test_thirty_active_jobs_one_scheduler_query_per_poll(tmp_path, cluster):
             store.update_job(f"busy{c}", b, status=JobStatus.RUNNING, remote_id=rid, scheduler="slurm")
     assert len(store.active_jobs()) == 30
     before = len(cluster.tb.scheduler_calls())
-    assert poll_jobs() == 30
+    assert poll_jobs(context.current()) == 30
     calls = cluster.tb.scheduler_calls()[before:]
     assert [c.split()[0] for c in calls] == ["squeue"], calls
 

@@ -32,6 +32,14 @@ def test_misspelt_key_names_key_file_and_suggestion(tmp_path):
     assert "scanner.setle_seconds: unknown key (did you mean 'settle_seconds'?)" in str(err.value)
 
 
+def test_a_setting_merged_into_another_says_where_it_is_now(tmp_path):
+    f = tmp_path / "site.yaml"
+    f.write_text("worker:\n  log_level: DEBUG\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(f, environ={})
+    assert "worker.log_level: merged into logging.level; set it there" in str(err.value)
+
+
 def test_unknown_section_and_bad_value(tmp_path):
     f = tmp_path / "site.yaml"
     f.write_text("scaner: {}\nengine:\n  command: moqui\n  timeout_seconds: -1\n")

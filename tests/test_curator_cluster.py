@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus
 from tests.pipeline_cluster import drop_case, wait_finished
 from tests.polling import poll_until
@@ -45,7 +45,7 @@ def status_once_there_is_a_schema() -> dict | None:
 def waiting_reason(case_id: str, words: str, timeout: float = 120) -> str:
     """The case's reason for waiting once it contains ``words`` (while it stays QUEUED)."""
     def held():
-        case = runtime.store().get_case(case_id)
+        case = context.current().store.get_case(case_id)
         if case is not None:
             assert case.status in (CaseStatus.NEW, CaseStatus.QUEUED), (case.status, case.error)
         return case.wait_reason if case is not None and words in (case.wait_reason or "") else None
@@ -57,7 +57,7 @@ def test_a_drained_node_holds_new_cases_and_resuming_it_lets_them_go_on(tmp_path
     node = tb.ssh("sinfo -h -N -o %N").stdout.split()[0]
     cluster.configure(curator={"interval_seconds": 1.0})
     cluster.start()
-    poll_until(lambda: (r := runtime.store().reading(tb.host)[0]) and r.get("nodes", {}).get("accepting"), 120, 0.5,
+    poll_until(lambda: (r := context.current().store.reading(tb.host)[0]) and r.get("nodes", {}).get("accepting"), 120, 0.5,
                "a first reading of the cluster")
     status = mqi_status()
     assert status["scheduler_up"] and status["accepting_work"] and status["partition"] == "debug"
@@ -80,7 +80,7 @@ def test_a_drained_node_holds_new_cases_and_resuming_it_lets_them_go_on(tmp_path
     case = wait_finished("during_drain", 180)  # no manual step: the curator sees the node back
     assert case.status is CaseStatus.COMPLETED, case.error
     assert case.wait_reason is None
-    commands = [e["command"] for e in runtime.store().events("during_drain")]
+    commands = [e["command"] for e in context.current().store.events("during_drain")]
     assert "case_waiting" in commands and "case_resumed" in commands
 
 
@@ -143,7 +143,7 @@ def test_direct_host_runs_beams_one_at_a_time_on_the_one_free_gpu(tmp_path, clus
     assert after["claims"] == {}
     table = mqi("status").stdout
     assert "GPU-" not in table and "someone_else" in table and "1 free of 2" in table
-    waited = [e for c in ("gpu_a", "gpu_b", "gpu_c") for e in runtime.store().events(c)
+    waited = [e for c in ("gpu_a", "gpu_b", "gpu_c") for e in context.current().store.events(c)
               if e["command"] == "execution_waiting"]
     assert waited and all("no free GPU" in e["payload"]["reason"] for e in waited)
     assert all("GPU 1 is busy with another user's work" in e["payload"]["reason"] for e in waited)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus
 from tests.casegen import make_case
 from tests.pipeline_cluster import shipped_retry
@@ -33,7 +33,7 @@ ENGINE = Path(sys.executable).parent / "mqi-demo-engine"
 
 
 def recovery_of(case_ids) -> Recovery:
-    store = runtime.store()
+    store = context.current().store
     return Recovery(case_ids, store.events, lambda c: (case := store.get_case(c)) and case.status.value)
 
 
@@ -82,7 +82,7 @@ def test_full_disks_hold_cases_until_room_returns(tmp_path, cluster):
         ids = [f"full{i}" for i in range(10)]
         for case_id in ids:
             make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=6000)  # 10 MB each
-        store, config = runtime.store(), procs.env["MQI_CONFIG"]
+        store, config = context.current().store, procs.env["MQI_CONFIG"]
         recovery = recovery_of(ids)
 
         # 1. The remote disk fills during an upload.
@@ -206,7 +206,7 @@ def test_nvidia_smi_hanging_for_a_minute_holds_beams_and_leaves_nothing_on_the_h
     ids = [f"hang{i}" for i in range(10)]
     for case_id in ids:
         make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
-    store = runtime.store()
+    store = context.current().store
     recovery = recovery_of(ids)
     poll_until(lambda: len(gpu_runs(runs)) >= 3, 300, what="beams running on the fake GPUs")
     (fake_gpus / "hang").touch()
@@ -252,7 +252,7 @@ def test_a_foreign_process_on_a_gpu_we_hold_keeps_new_beams_off_it(tmp_path, clu
     ids = ["share_a", "share_b", "share_c"]
     for case_id in ids:
         make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
-    store = runtime.store()
+    store = context.current().store
     poll_until(lambda: any((fake_gpus / "1").iterdir()), 300, what="a beam of ours on GPU 1")
     foreign = subprocess.Popen(["sleep", "600"], start_new_session=True)  # someone else's, in its own session
     (fake_gpus / "1" / str(foreign.pid)).write_text("12000")

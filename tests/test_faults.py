@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus
 from mqi_celery.queues import QUEUES
 from tests.casegen import make_case
@@ -40,7 +40,7 @@ def start_production(cluster, **sections):
 def wait_all(case_ids, timeout: float, procs=None, broker=None):
     """Wait until every case finished; meanwhile restart any worker that died (what
     systemd's Restart=always or `mqi run` does)."""
-    store = runtime.store()
+    store = context.current().store
 
     def finished():
         if procs is not None:
@@ -58,7 +58,7 @@ def wait_all(case_ids, timeout: float, procs=None, broker=None):
 def where_they_stand(case_ids, procs=None, broker=None) -> str:
     """Why cases did not finish: each unfinished case's stage, jobs and last events, the
     queues (when the test owns the broker) and the workers' last errors."""
-    store, lines = runtime.store(), []
+    store, lines = context.current().store, []
     for case_id in case_ids:
         case = store.get_case(case_id)
         if case is None or case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED):
@@ -92,7 +92,7 @@ def assert_exactly_once(cluster, cases) -> None:
     """Completed, one Slurm job per beam, every result on disk matching its recorded hash."""
     for case in cases:
         assert case.status is CaseStatus.COMPLETED, (case.case_id, case.error)
-        events = [e["command"] for e in runtime.store().events(case.case_id)]
+        events = [e["command"] for e in context.current().store.events(case.case_id)]
         assert events.count("case_completed") == 1, events
         for job in case.jobs:
             assert job.results, (case.case_id, job.beam)
@@ -213,7 +213,7 @@ class RefusingListener:
 
 
 def recovery_of(case_ids) -> Recovery:
-    store = runtime.store()
+    store = context.current().store
     return Recovery(case_ids, store.events, lambda c: (case := store.get_case(c)) and case.status.value)
 
 
@@ -227,7 +227,7 @@ def test_host_down_for_two_minutes_parks_cases_and_resumes_them(cluster, tmp_pat
     ids = [f"down{i}" for i in range(8)]
     for case_id in ids:
         make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
-    store = runtime.store()
+    store = context.current().store
     poll_until(lambda: any(j.remote_state == "RUNNING" for c in ids if (case := store.get_case(c))
                            for j in case.jobs), 180, what="a job running")
     for case_id in ("late0", "late1"):  # arrive during the outage: they must wait in QUEUED
@@ -279,7 +279,7 @@ def test_slurmctld_restart_and_a_node_failure(cluster, tmp_path):
                                                  "{input_file}", "timeout_seconds": 300},
                      scheduler={"kind": "slurm", "poll_interval_seconds": 1.0,
                                 "slurm": {"gres": "gpu:1", "extra_sbatch_args": ["--no-requeue"]}})
-    store = runtime.store()
+    store = context.current().store
     make_case(tmp_path / "inbox", "ctld", marker=True, rows_per_layer=2)
     poll_until(lambda: any(j.remote_state == "RUNNING" for j in store.get_case("ctld").jobs)
                if store.get_case("ctld") else None, 180, what="a job running")
@@ -359,9 +359,9 @@ def test_cancel_during_submit_kills_the_job_it_started(cluster, tmp_path):
     make_case(tmp_path / "inbox", "cancelsub", marker=True, rows_per_layer=2)
     frozen = poll_until(lambda: not flag.exists() and _frozen(procs.env["MQI_CONFIG"]), 120,
                         what="a submit frozen right after its sbatch")
-    assert cancel_case("cancelsub")  # while the submit's job id is not yet recorded
+    assert cancel_case(context.current(), "cancelsub")  # while the submit's job id is not yet recorded
     os.kill(frozen, signal.SIGCONT)
-    store, tb = runtime.store(), cluster.tb
+    store, tb = context.current().store, cluster.tb
 
     def every_job_cancelled():
         out = tb.ssh("squeue -h -t all -o '%j %T' -n mqi-cancelsub-2,mqi-cancelsub-3,mqi-cancelsub-4").stdout
@@ -405,7 +405,7 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     ids = [f"svc{i:02d}" for i in range(10)]
     for case_id in ids:
         make_case(tmp_path / "inbox", case_id, marker=True, rows_per_layer=2)
-    store = runtime.store()
+    store = context.current().store
     poll_until(lambda: sum(bool(case and case.status is CaseStatus.PROCESSING) for case in map(store.get_case, ids))
                >= 3, 180, what="cases in flight")
     log = tmp_path / "log" / "mqi.jsonl"
@@ -435,7 +435,7 @@ def test_rabbitmq_then_postgres_restarted_mid_run(private_cluster, tmp_path):
     pg_status_s, _ = status_seconds(c.procs.env, tmp_path)
     time.sleep(max(0.0, 15 - (time.monotonic() - down)))
     c.pg.start()
-    runtime.reset()  # this test process's own pool
+    context.reset()  # this test process's own pool
     recovery.fault_ended("PostgreSQL stopped 15 s")
     cases = wait_all(ids, 600, c.procs, c.rabbit)
     figures = recovery.assert_bounded()
@@ -454,7 +454,7 @@ def test_a_preempted_job_is_resubmitted_and_completes(cluster, tmp_path):
     start_production(cluster, engine={"command": f"{Path(sys.executable).parent / 'mqi-demo-engine'} --delay 1 "
                                                  "{input_file}", "timeout_seconds": 300},
                      scheduler={"kind": "slurm", "poll_interval_seconds": 1.0, "slurm": {"gres": "gpu:1"}})
-    store = runtime.store()
+    store = context.current().store
     make_case(tmp_path / "inbox", "preempt", marker=True, rows_per_layer=2)
     job = poll_until(lambda: next((j for j in store.get_case("preempt").jobs if j.remote_state == "RUNNING"), None)
                      if store.get_case("preempt") else None, 180, what="a job running")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.store import NewJob
 
@@ -33,7 +33,7 @@ def assert_literal(text: str) -> None:
 
 
 def hostile_database(tmp_path) -> None:
-    store = runtime.store()
+    store = context.current().store
     store.register_case("hostile", f"{tmp_path}/inbox/{HOSTILE}")
     store.update_case("hostile", status=CaseStatus.QUEUED, wait_reason=f"waits for {HOSTILE}")
     store.add_jobs("hostile", [NewJob(1, f"beam {HOSTILE}", "d1")])
@@ -43,7 +43,7 @@ def hostile_database(tmp_path) -> None:
     gpu = {"index": 0, "uuid": "GPU-0", "name": f"GPU {HOSTILE}", "memory_used_mib": 12000,
            "memory_total_mib": 80000, "utilization_percent": 5, "temperature_c": 40, "power_w": 100,
            "processes": [{"pid": 4242, "name": f"proc {HOSTILE}", "used_memory_mib": 12000, "session": 4242}]}
-    store.save_reading(runtime.host_name(), {"gpus": {"state": "ok", "devices": [gpu]}, "disk": None})
+    store.save_reading(context.current().host_name, {"gpus": {"state": "ok", "devices": [gpu]}, "disk": None})
     # Real inbox entries with markup and an escape sequence in their names.
     (tmp_path / "inbox" / MARKUP.replace("/", "_")).write_text("a loose file")
     (tmp_path / "inbox" / f"loose {ESCAPES}").write_text("a loose file")

@@ -1,5 +1,7 @@
-"""The package's imports form a one-way graph: no module imports, even lazily inside a
-function or for type checking, a module that (transitively) imports it back."""
+"""The package's shape, checked: its imports form a one-way graph (no module imports, even
+lazily inside a function or for type checking, a module that imports it back); Celery stays
+in its corner (``celery_app``, ``workers``, and the commands that start or call it); only the
+lifecycle module changes a state."""
 from __future__ import annotations
 
 import ast
@@ -8,19 +10,32 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mqi_celery"
 
 
-def imports_of(path: Path) -> set[str]:
+def module_name(path: Path) -> str:
+    """``conductor``, ``workers.conductor``, ``workers`` (its ``__init__``)."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "migrations" not in p.parts}
+
+
+def imports_of(path: Path, name: str | None = None) -> set[str]:
+    """The package's modules that the module ``name`` (by default: at ``path``) imports."""
+    name = name or module_name(path)
+    here = name.split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
-    return found & {p.stem for p in PACKAGE.glob("*.py")}
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = package[:len(package) - (node.level - 1)]
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [f"{target}.{a.name}" if target else a.name for a in node.names]
+            found.update(n for n in [target, *names] if n in MODULES)
+    return found - {name}
 
 
 def test_no_module_imports_itself_back():
-    graph = {p.stem: imports_of(p) for p in PACKAGE.glob("*.py")}
+    graph = {name: imports_of(path) for name, path in MODULES.items()}
     cycles = []
 
     def visit(node, path):
@@ -75,3 +90,35 @@ def test_the_state_write_check_sees_each_kind_of_write(tmp_path):
                       "store.update_case(c, wait_reason=None)\n")
     assert sorted(w.split(" ", 1)[1] for w in state_writes(sample)) == [
         ".stage =", "advance_stage()", "update_case(status)", "update_job(step)"]
+
+
+# Where Celery may be imported: the app and its task modules, and the commands that start
+# workers or send to them. ``context`` is the composition root: it builds the sender.
+CELERY_SIDE = {"__init__", "celery_app", "cli", "cli_common", "cli_services", "process_manager", "context",
+               "metrics_endpoint"}
+
+
+def celery_imports(path: Path, name: str | None = None) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        found += [f"{path.name}:{node.lineno} import {n}" for n in names if n.split(".")[0] == "celery"]
+    return found + [f"{path.name} imports {m}" for m in sorted(imports_of(path, name))
+                    if m == "celery_app" or m.startswith("workers") or m == "context"]
+
+
+def test_domain_modules_import_no_celery_and_take_their_context_as_an_argument():
+    domain = [p for name, p in sorted(MODULES.items()) if name not in CELERY_SIDE and not name.startswith("workers")]
+    assert len(domain) > 30
+    found = [line for p in domain for line in celery_imports(p)]
+    assert found == [], "Celery, or this process's context, reached from a domain module:\n" + "\n".join(found)
+
+
+def test_the_celery_check_sees_each_kind_of_import(tmp_path):
+    sample = tmp_path / "scanner.py"
+    sample.write_text("from celery import signals\nimport celery.exceptions\nfrom .celery_app import app\n"
+                      "def f():\n    from .workers.sending import CelerySender\n    from . import context\n")
+    assert [line.split(" ", 1)[1] for line in celery_imports(sample, "scanner")] == [
+        "import celery", "import celery.exceptions", "imports celery_app", "imports context",
+        "imports workers.sending"]

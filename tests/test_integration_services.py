@@ -8,7 +8,7 @@ import json
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus, JobStatus
 from mqi_celery.queues import QUEUES
 from tests.casegen import STUDY_UID, make_case
@@ -28,7 +28,7 @@ def test_case_completes_through_rabbitmq_and_postgres(tmp_path, config_file, ser
     broker, database = services
     config = config_file(broker={"url": broker, "result_backend": "db+" + database, "folder": str(tmp_path / "unused")},
                 database={"url": database})
-    store = runtime.store()  # migrates the fresh database
+    store = context.current().store  # migrates the fresh database
     events_exchange = Exchange("mqi.events", type="topic", durable=True)
     with Connection(broker) as conn:
         # A subscriber, as another system would bind one: every message of the pipeline.
@@ -69,7 +69,7 @@ def test_a_failed_event_publish_never_fails_a_case(tmp_path, config_file, servic
     broker, database = services
     config = config_file(broker={"url": broker, "result_backend": "db+" + database, "folder": str(tmp_path / "unused")},
                          database={"url": database})
-    store = runtime.store()
+    store = context.current().store
     with Connection(broker) as conn:
         # Someone declared the events exchange with another type: every publish is refused
         # by RabbitMQ (PRECONDITION_FAILED).

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import CaseStatus
 from tests.casegen import make_case
 from tests.operations import free_port, installation, sample, scrape, wait_answering  # noqa: F401
@@ -101,12 +101,12 @@ def test_mqi_up_replaces_a_killed_and_a_stuck_worker_and_stops_without_losing_wo
     # SIGTERM while a case is in flight: every process exits, and the case completes after
     # the next start.
     drop(inst.inbox, "in_flight")
-    poll_until(lambda: (c := runtime.store().get_case("in_flight")) and c.status is CaseStatus.PROCESSING, 120,
+    poll_until(lambda: (c := context.current().store.get_case("in_flight")) and c.status is CaseStatus.PROCESSING, 120,
                what="the case to be in work")
     children = _descendants(inst.proc.pid)
     assert inst.stop() == 0
     assert [pid for pid in children if _alive(pid)] == []
-    assert runtime.store().get_case("in_flight").status in (CaseStatus.QUEUED, CaseStatus.PROCESSING)
+    assert context.current().store.get_case("in_flight").status in (CaseStatus.QUEUED, CaseStatus.PROCESSING)
     inst.start()
     assert wait_finished("in_flight", 300).status is CaseStatus.COMPLETED
     print(f"OPS-REPORT mqi up: SIGKILLed worker answering again after {back:.1f} s; SIGSTOPped worker replaced "
@@ -154,7 +154,7 @@ def test_flower_demands_credentials_and_retries_a_failed_case(installation, fail
         assert requests.get(url + path, timeout=10).status_code == 401, path
     assert requests.post(f"{url}/api/task/send-task/mqi.retry_case", json={"args": ["to_retry"]},
                          timeout=10).status_code == 401
-    assert runtime.store().get_case("to_retry").status is CaseStatus.FAILED
+    assert context.current().store.get_case("to_retry").status is CaseStatus.FAILED
     assert requests.get(url + "/", auth=("physicist", "wrong"), timeout=10).status_code == 401
 
     (flags / "exit").unlink()  # the engine is fixed; the physicist retries from Flower
@@ -162,7 +162,7 @@ def test_flower_demands_credentials_and_retries_a_failed_case(installation, fail
                           auth=("physicist", "correct-horse"), timeout=10)
     assert reply.status_code == 200, reply.text
     assert "task-id" in reply.json()
-    case = poll_until(lambda: (c := runtime.store().get_case("to_retry")) and c.status is CaseStatus.COMPLETED and c,
+    case = poll_until(lambda: (c := context.current().store.get_case("to_retry")) and c.status is CaseStatus.COMPLETED and c,
                       300, interval=1, what="the retried case to complete")
     assert case.attempts == 1
     assert "correct-horse" not in inst.output()  # the secret is not on a command line or in a log

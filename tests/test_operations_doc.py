@@ -86,7 +86,7 @@ def test_every_static_block_names_what_exists():
 
 
 def test_every_troubleshooting_heading_is_a_message_the_code_emits():
-    source = "\n".join(p.read_text() for p in (ROOT / "mqi_celery").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (ROOT / "mqi_celery").rglob("*.py"))
     headings = re.findall(r"^#### `([^`]+)`", DOC.read_text(), re.M)
     assert len(headings) >= 10
     missing = [h for h in headings if h not in source]

@@ -6,12 +6,12 @@ import os
 import signal
 import threading
 
-from mqi_celery import process_manager, runtime
+from mqi_celery import context, process_manager
 from mqi_celery.process_manager import Program
 
 
 def test_sigterm_during_a_ping_stops_every_child(config_file, monkeypatch):
-    settings = runtime.settings()
+    settings = context.current().settings
     pings = []
 
     def ping_that_fails(children, deadline):

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from mqi_celery import conductor, db, reconciler, runtime
+from mqi_celery import context, db, reconciler
 from mqi_celery.breaker import Breaker, HostUnavailable
 from mqi_celery.models import CaseStatus
 from mqi_celery.reconciler import reconcile_once
@@ -15,28 +15,32 @@ from mqi_celery.store import NewJob
 
 
 class Broker:
-    """Records the canvases sent, and says which queues hold waiting messages."""
+    """A fake sender (``context.Sender``): records the stages sent, and says which queues
+    hold waiting messages."""
 
     def __init__(self):
-        self.sent, self.busy = [], set()
+        self.sent, self.busy, self.refuse = [], set(), None
 
-    def workflow(self, case):
-        return _Sent(self, case)
+    def send_stage(self, case) -> bool:
+        if self.refuse:
+            raise self.refuse
+        self.sent.append((case.case_id, case.stage, case.dispatch))
+        return True
 
+    def send(self, task, *args, **options):
+        pass
 
-class _Sent:
-    def __init__(self, broker, case):
-        self.broker, self.case = broker, case
+    def publish(self, exchange, routing_key, message):
+        pass
 
-    def apply_async(self):
-        self.broker.sent.append((self.case.case_id, self.case.stage, self.case.dispatch))
+    def queue_depths(self, queues, *, timeout=2.0):
+        return {q: int(q in self.busy) for q in queues}
 
 
 @pytest.fixture(autouse=True)
-def broker(config_file, monkeypatch):
+def broker(config_file):
     fake = Broker()
-    monkeypatch.setattr(conductor, "workflow", fake.workflow)
-    monkeypatch.setattr(reconciler, "_busy_queues", lambda: set(fake.busy))
+    context.use(context.Context(context.current().settings, sender=fake))
     return fake
 
 
@@ -47,75 +51,71 @@ def _case_with_lost_work(store, case_id="lost", reconciles=0, stage="upload"):
     store.start_dispatch(case_id, -1)  # its lease ran out: nothing of it is alive
 
 
-def test_an_expired_lease_is_dispatched_again_with_an_event(broker):
-    store = runtime.store()
+def test_an_expired_lease_is_dispatched_again_with_an_event(ctx, broker):
+    store = context.current().store
     _case_with_lost_work(store)
-    summary = reconcile_once()
+    summary = reconcile_once(ctx)
     assert summary["reconciled"] == 1
     case = store.get_case("lost")
     assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until > db.utcnow()
     [event] = [e for e in store.events("lost") if e["command"] == "case_reconciled"]
     assert event["payload"]["stage"] == "upload" and "dispatched again" in event["payload"]["reason"]
     assert broker.sent == [("lost", "upload", 2)]  # the upload, sent again
-    assert reconcile_once()["reconciled"] == 0  # a live lease is left alone
+    assert reconcile_once(ctx)["reconciled"] == 0  # a live lease is left alone
     # Expired again while its upload still waits in the transfer queue (no worker here):
     # it may simply be in line behind others, so it is looked at again next run (no new
     # lease, nothing counted), and dispatched again once the line is empty.
     broker.busy = {"transfer"}
     store.update_case("lost", lease_until=db.utcnow() - timedelta(seconds=1))
-    assert reconcile_once()["postponed"] == 1
+    assert reconcile_once(ctx)["postponed"] == 1
     case = store.get_case("lost")
     assert case.dispatch == 2 and case.reconciles == 1 and case.lease_until < db.utcnow()
     assert len(broker.sent) == 1  # nothing sent twice
     broker.busy = set()
-    assert reconcile_once()["reconciled"] == 1 and broker.sent[-1] == ("lost", "upload", 3)
+    assert reconcile_once(ctx)["reconciled"] == 1 and broker.sent[-1] == ("lost", "upload", 3)
 
 
-def test_at_start_up_every_leased_case_is_dispatched_again_at_once(broker):
+def test_at_start_up_every_leased_case_is_dispatched_again_at_once(ctx, broker):
     """After a restart nothing that held a lease is alive: messages still waiting in a
     queue do not make the reconciler wait (the new dispatch supersedes them)."""
-    store = runtime.store()
+    store = context.current().store
     _case_with_lost_work(store, stage="submit")
     store.update_case("lost", status=CaseStatus.PROCESSING, lease_until=db.utcnow() + timedelta(seconds=600))
     broker.busy = {"execute", "transfer"}
-    assert reconciler.on_startup() == 1
+    assert reconciler.on_startup(ctx) == 1
     # A task of the old dispatch still queued (one beam's submit, while its sibling's message
     # died with the crash) finds itself superseded: it cannot hold the case back.
     assert store.hold_lease("lost", 1, 600) is None
-    assert reconcile_once(startup=True)["reconciled"] == 1
+    assert reconcile_once(ctx, startup=True)["reconciled"] == 1
     assert broker.sent == [("lost", "submit", 3)]
 
 
-def test_a_dispatch_the_broker_refuses_waits_for_the_next_run_not_the_lease(broker, monkeypatch):
-    store = runtime.store()
+def test_a_dispatch_the_broker_refuses_waits_for_the_next_run_not_the_lease(ctx, broker, monkeypatch):
+    store = context.current().store
     _case_with_lost_work(store)
 
-    sent = _Sent.apply_async
-
-    def refused(self):
-        raise ConnectionRefusedError("[Errno 111] Connection refused")
-    monkeypatch.setattr(_Sent, "apply_async", refused)
-    assert reconcile_once()["reconciled"] == 1
+    broker.refuse = ConnectionRefusedError("[Errno 111] Connection refused")
+    assert reconcile_once(ctx)["reconciled"] == 1
     case = store.get_case("lost")
     assert case.lease_until is None and "the broker did not take the case's upload step" in case.wait_reason
     waiting = [e for e in store.events("lost") if e["command"] == "case_waiting"]
     assert "Connection refused" in waiting[0]["payload"]["reason"]
-    monkeypatch.setattr(_Sent, "apply_async", sent)  # the broker is back
-    assert reconcile_once()["resumed"] == 1  # the next run sends it on, without counting
+    broker.refuse = None  # the broker is back
+    assert reconcile_once(ctx)["resumed"] == 1  # the next run sends it on, without counting
     assert broker.sent == [("lost", "upload", 3)] and store.get_case("lost").wait_reason is None
 
 
-def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(broker):
-    store = runtime.store()
-    _case_with_lost_work(store, reconciles=runtime.settings().reconciler.max_reconciles, stage="submit")
-    assert reconcile_once()["failed"] == 1
+def test_reconciliations_are_bounded_then_the_case_fails_with_the_reason(ctx, broker):
+    store = context.current().store
+    _case_with_lost_work(store, reconciles=context.current().settings.reconciler.max_reconciles, stage="submit")
+    assert reconcile_once(ctx)["failed"] == 1
     case = store.get_case("lost")
     assert case.status is CaseStatus.FAILED and "no progress in stage 'submit'" in case.error
     assert "mqi cases retry" in case.error
 
 
-def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(broker):
-    store = runtime.store()
+def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(ctx, broker):
+    store = context.current().store
     breaker = Breaker(store, "cluster", failures_to_open=3, cooldown_seconds=30)
     _case_with_lost_work(store, "waiting")
     for _ in range(2):
@@ -138,7 +138,7 @@ def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(broker):
     commands = [e["command"] for e in store.events("waiting", with_hosts=True)]
     assert commands[-2:] == ["host_unreachable", "host_reachable"]
     # Parked cases resume without counting a reconciliation.
-    assert reconcile_once()["resumed"] == 1
+    assert reconcile_once(ctx)["resumed"] == 1
     case = store.get_case("waiting")
     assert case.wait_reason is None and case.reconciles == 0
     assert "case_resumed" in [e["command"] for e in store.events("waiting")]

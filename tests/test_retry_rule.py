@@ -1,4 +1,4 @@
-"""The one retry rule (``tasks.PipelineTask``), run eagerly in this process with the broker
+"""The one retry rule (``workers.base.PipelineTask``), run eagerly in this process with the broker
 replaced where it matters: countdowns RabbitMQ's delayed delivery accepts, outages of the
 database waited out without counting, and a retry the broker refuses handed to the
 reconciler at once (the case waits with the reason) instead of dropped."""
@@ -11,12 +11,12 @@ import pytest
 from celery.exceptions import Reject, Retry
 from sqlalchemy.exc import OperationalError
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.celery_app import app
 from mqi_celery.errors import TransferError
 from mqi_celery.models import CaseStatus
 from mqi_celery.store import NewJob
-from mqi_celery.tasks import PipelineTask, backoff
+from mqi_celery.workers.base import PipelineTask, backoff
 
 POLICY = SimpleNamespace(backoff_seconds=2.0, backoff_max_seconds=120.0, jitter=True)
 
@@ -44,7 +44,7 @@ def probe(self, case_id: str) -> str:
 
 @pytest.fixture
 def case(config_file):
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
     store.add_jobs("c1", [NewJob(2, "b2", "d2")])
     store.update_case("c1", status=CaseStatus.QUEUED, stage="upload")
@@ -69,7 +69,7 @@ def test_a_database_outage_is_retried_without_counting_against_the_case(case, mo
         probe.apply(("c1",), {"dispatch": case.dispatch, "outages": 9}, retries=9, throw=True)
     [call] = calls
     assert call["kwargs"]["outages"] == 10 and call["kwargs"]["dispatch"] == case.dispatch
-    assert call["countdown"] <= runtime.settings().reconciler.interval_seconds  # back within an interval
+    assert call["countdown"] <= context.current().settings.reconciler.interval_seconds  # back within an interval
 
 
 def test_the_cases_own_faults_are_counted_and_end_with_gave_up(case, monkeypatch):
@@ -97,7 +97,7 @@ def test_every_path_to_a_database_that_does_not_answer_is_an_outage(tmp_path):
     """Reads on plain SQL (``db_reads``) and writes through the ORM alike: a refused connection
     is an outage (waited out), a missing table is the query's fault (counted)."""
     from mqi_celery.store import Store
-    from mqi_celery.tasks import infrastructure_fault
+    from mqi_celery.errors import infrastructure_fault
     from tests.testbed.cluster import free_ports
 
     [closed] = free_ports(1)
@@ -112,22 +112,23 @@ def test_every_path_to_a_database_that_does_not_answer_is_an_outage(tmp_path):
     assert "no such table" in str(raised.value) and not infrastructure_fault(raised.value)
 
 
-def test_a_submit_refused_after_its_scheduler_was_asked_adopts_its_run_never_a_second(case, monkeypatch):
+def test_a_submit_refused_after_its_scheduler_was_asked_adopts_its_run_never_a_second(ctx, case, monkeypatch):
     """The broker refused the retry of a submit that had asked the scheduler already: the
     poller takes the beam over and adopts the run that may exist (same token), keeping its
     input folder (where that run lives)."""
     from mqi_celery import admission, remote_executor
     from mqi_celery.lifecycle import JobStep
+    from mqi_celery.workers.execute import submit_beam
 
-    store = runtime.store()
+    store = context.current().store
     store.update_job("c1", 2, step=JobStep.SUBMITTING.value)
-    remote_executor.submit_beam.hand_over("c1", ("c1", 2), case.dispatch, "the broker did not take the retry")
+    submit_beam.hand_over("c1", ("c1", 2), case.dispatch, "the broker did not take the retry")
     assert store.get_job("c1", 2).step == JobStep.UNSENT_SUBMITTED
     specs = []
-    monkeypatch.setattr(runtime.scheduler(), "submit", lambda spec: specs.append(spec) or "4242")
+    monkeypatch.setattr(context.current().scheduler, "submit", lambda spec: specs.append(spec) or "4242")
     monkeypatch.setattr(admission, "start_beam", lambda *a, **k: admission.Grant(None))
     monkeypatch.setattr(remote_executor, "_write_input", lambda *a: pytest.fail("the run's folder was rewritten"))
-    assert remote_executor.start_or_wait("c1", 2, may_read=False)
+    assert remote_executor.start_or_wait(ctx, "c1", 2, may_read=False)
     assert [s.may_exist for s in specs] == [True] and store.get_job("c1", 2).remote_id == "4242"
 
 
@@ -138,10 +139,10 @@ def test_a_retry_the_broker_refuses_leaves_the_case_waiting_for_the_reconciler(c
     FAULTS.append(TransferError("the link dropped"))
     result = probe.apply(("c1",), {"dispatch": case.dispatch})
     assert result.state == "IGNORED"  # acknowledged: the database holds the case, not the message
-    waiting = runtime.store().get_case("c1")
+    waiting = context.current().store.get_case("c1")
     assert waiting.lease_until is None and "the broker did not take the retry" in waiting.wait_reason
     assert "Connection refused" in waiting.wait_reason
-    assert [e["command"] for e in runtime.store().events("c1")][-1] == "case_waiting"
+    assert [e["command"] for e in context.current().store.events("c1")][-1] == "case_waiting"
 
 
 def test_without_the_database_either_the_refused_message_goes_back_to_the_broker(case, monkeypatch):
@@ -151,7 +152,7 @@ def test_without_the_database_either_the_refused_message_goes_back_to_the_broker
 
     def database_down(*args, **kwargs):
         raise OperationalError("UPDATE cases", {}, Exception("server closed the connection"))
-    monkeypatch.setattr(type(runtime.store()), "park", database_down)
+    monkeypatch.setattr(type(context.current().store), "park", database_down)
     FAULTS.append(TransferError("the link dropped"))
     result = probe.apply(("c1",), {"dispatch": case.dispatch})
     assert result.state == "REJECTED" and result.result.requeue is True
@@ -160,7 +161,7 @@ def test_without_the_database_either_the_refused_message_goes_back_to_the_broker
 def test_periodic_work_meets_an_outage_with_one_line_and_its_next_run(caplog):
     """Beat's tasks run again by themselves: a database outage is a warning line, no
     traceback; a fault of the code still raises."""
-    from mqi_celery.tasks import PeriodicTask
+    from mqi_celery.workers.base import PeriodicTask
 
     faults = [OperationalError("SELECT 1", {}, Exception("connection refused")), ValueError("a bug")]
 
@@ -176,11 +177,11 @@ def test_periodic_work_meets_an_outage_with_one_line_and_its_next_run(caplog):
 
 
 def test_a_validation_that_meets_a_database_outage_is_retried_not_left_to_the_lease(case, monkeypatch):
-    from mqi_celery.conductor import admit_case_task
+    from mqi_celery.workers.conductor import admit_case as admit_case_task
 
     calls = _retried_with(monkeypatch)
-    runtime.store().register_case("c2", "/inbox/c2")
-    monkeypatch.setattr("mqi_celery.conductor.admit", lambda case_id: (_ for _ in ()).throw(
+    context.current().store.register_case("c2", "/inbox/c2")
+    monkeypatch.setattr("mqi_celery.conductor.admit", lambda ctx, case_id: (_ for _ in ()).throw(
         OperationalError("SELECT 1", {}, Exception("connection refused"))))
     with pytest.raises(Retry):
         admit_case_task.apply(("c2",), throw=True)

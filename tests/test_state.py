@@ -4,7 +4,7 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
-from mqi_celery import runtime
+from mqi_celery import context
 from mqi_celery.models import Case, CaseStatus, IllegalTransition, JobStatus
 from mqi_celery.store import NewJob
 
@@ -21,7 +21,7 @@ def test_case_is_frozen():
 
 
 def test_illegal_transitions_raise(config_file):
-    store = runtime.store()
+    store = context.current().store
     assert store.register_case("c1", "/inbox/c1")
     with pytest.raises(IllegalTransition, match="case cannot go from NEW to COMPLETED"):
         store.update_case("c1", status=CaseStatus.COMPLETED)
@@ -33,7 +33,7 @@ def test_illegal_transitions_raise(config_file):
 
 
 def test_only_from_makes_steps_idempotent(config_file):
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
     assert store.update_case("c1", status=CaseStatus.FAILED, error="x",
                              only_from={CaseStatus.NEW}).status is CaseStatus.FAILED
@@ -41,7 +41,7 @@ def test_only_from_makes_steps_idempotent(config_file):
 
 
 def test_racing_registrations_register_a_case_exactly_once(config_file):
-    store = runtime.store()
+    store = context.current().store
     barrier = threading.Barrier(8)
     wins = []
 
@@ -58,7 +58,7 @@ def test_racing_registrations_register_a_case_exactly_once(config_file):
 
 
 def test_add_jobs_twice_keeps_one_job_per_beam(config_file):
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
     jobs = [NewJob(2, "a", "d2"), NewJob(3, "b", "d3")]
     store.add_jobs("c1", jobs)
@@ -66,20 +66,20 @@ def test_add_jobs_twice_keeps_one_job_per_beam(config_file):
     assert [j.beam for j in store.get_case("c1").jobs] == [2, 3]
 
 
-def test_events_are_recorded_in_order(config_file):
+def test_events_are_recorded_in_order(ctx, config_file):
     from mqi_celery import messages
 
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
-    messages.emit("new_case_found", {"valid": True}, case_id="c1")
-    messages.emit("case_failed", {"reason": "x"}, case_id="c1")
+    messages.emit(ctx, "new_case_found", {"valid": True}, case_id="c1")
+    messages.emit(ctx, "case_failed", {"reason": "x"}, case_id="c1")
     events = store.events("c1")
     assert [e["command"] for e in events] == ["new_case_found", "case_failed"]
     assert events[0]["payload"] == {"case_id": "c1", "valid": True}
 
 
 def test_a_completed_job_whose_results_fail_verification_can_fail(config_file):
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
     store.add_jobs("c1", [NewJob(2, "a", "d2")])
     store.update_job("c1", 2, status=JobStatus.RUNNING)
@@ -88,7 +88,7 @@ def test_a_completed_job_whose_results_fail_verification_can_fail(config_file):
 
 
 def test_the_poller_only_updates_the_run_it_asked_about(config_file):
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
     store.add_jobs("c1", [NewJob(2, "a", "d2")])
     store.update_job("c1", 2, status=JobStatus.RUNNING, remote_id="new")
@@ -103,9 +103,9 @@ def _queued_case(store, case_id="c1", beams=(2, 3)):
 
 
 def test_tasks_of_a_superseded_dispatch_skip_themselves(config_file):
-    from mqi_celery.conductor import finalize_case
+    from mqi_celery.workers.conductor import finalize_case
 
-    store = runtime.store()
+    store = context.current().store
     _queued_case(store)
     first = store.start_dispatch("c1", 60)
     second = store.start_dispatch("c1", 60)
@@ -115,7 +115,7 @@ def test_tasks_of_a_superseded_dispatch_skip_themselves(config_file):
 
 
 def test_a_stage_moves_on_exactly_once(config_file):
-    store = runtime.store()
+    store = context.current().store
     _queued_case(store)
     store.update_case("c1", status=CaseStatus.PROCESSING)
     assert store.advance_stage("c1", "upload", "submit", 60).stage == "submit"
@@ -133,7 +133,7 @@ def test_a_stage_moves_on_exactly_once(config_file):
 
 
 def test_expired_and_void_leases_are_found_parked_cases_are_not(config_file):
-    store = runtime.store()
+    store = context.current().store
     for case_id in ("live", "lost", "parked", "done"):
         _queued_case(store, case_id)
     store.start_dispatch("live", 600)
@@ -151,13 +151,13 @@ def test_two_retries_at_once_only_one_runs(config_file):
     from mqi_celery.conductor import _retry
     from mqi_celery.errors import MQIError
 
-    store = runtime.store()
+    store = context.current().store
     _queued_case(store)
     store.update_case("c1", status=CaseStatus.FAILED, step="finished", stage="collect", error="beam 2 failed")
     snapshot = store.get_case("c1")  # what both the CLI and Flower read
-    assert _retry(snapshot).status is CaseStatus.QUEUED
+    assert _retry(context.current(), snapshot).status is CaseStatus.QUEUED
     with pytest.raises(MQIError, match="being retried already"):
-        _retry(snapshot)
+        _retry(context.current(), snapshot)
     assert store.get_case("c1").attempts == 1
 
 
@@ -170,7 +170,7 @@ def test_listings_show_active_cases_and_the_newest_finished_paged_by_the_databas
 
     from mqi_celery.db import utcnow
 
-    store = runtime.store()
+    store = context.current().store
     for i in range(12):
         store.register_case(f"done{i:02d}", f"/inbox/done{i:02d}")
         store.update_case(f"done{i:02d}", status=CaseStatus.FAILED, error="x")
@@ -201,7 +201,7 @@ def test_a_job_change_and_its_event_are_written_together_or_not_at_all(config_fi
     between the two can no longer keep the run and lose its event."""
     from mqi_celery import messages
 
-    store = runtime.store()
+    store = context.current().store
     store.register_case("c1", "/inbox/c1")
     store.add_jobs("c1", [NewJob(1, "b1", "d1")])
     started = messages.prepare("execution_started", {"beam": 1, "remote_id": "42"}, case_id="c1")

@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-from functools import lru_cache
 from typing import NoReturn
 
 from celery import Task, signals
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import logs, messages, runtime
-from .errors import ConnectionError_, Held, MQIError, describe, is_transient
+from .. import context, logs, messages
+from ..errors import (ConnectionError_, Held, MQIError, database_fault, describe, infrastructure_fault,
+                      is_transient)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class PipelineTask(Task):
         outages = kwargs.pop("outages", 0)
         case_id = case_id_of(args, kwargs)
         try:
-            if dispatch is not None and runtime.store().hold_lease(case_id, dispatch, _lease()) is None:
+            if dispatch is not None and context.current().store.hold_lease(case_id, dispatch, _lease()) is None:
                 log.info("%s: skipped, case %s has moved on from dispatch %s", self.name, case_id, dispatch)
                 return "skipped: superseded dispatch"
             return super().__call__(*args, **kwargs)
@@ -73,12 +73,12 @@ class PipelineTask(Task):
         """Retry, park or fail: the one rule (raises in every case)."""
         outage = infrastructure_fault(exc)
         if case_id and not outage and (isinstance(exc, Held) or host_down(exc)):
-            runtime.store().park(case_id, dispatch, str(exc))
+            context.current().store.park(case_id, dispatch, str(exc))
             log.warning("%s: case %s waits: %s", self.name, case_id, exc)
             raise Ignore() from exc  # not a success: the rest of the canvas must not run
         if not outage and not is_transient(exc):
             raise exc
-        settings = runtime.settings()
+        settings = context.current().settings
         policy, used = settings.retry, self.request.retries - outages  # the case's own retries
         if not outage and used >= policy.max_retries:
             if isinstance(exc, MQIError):
@@ -90,12 +90,12 @@ class PipelineTask(Task):
                         cap=settings.reconciler.interval_seconds if outage else None)
         if outage:
             log.warning("%s: %s unreachable, case %s tried again in %ss: %s", self.name,
-                        "database" if _database_fault(exc) else "broker", case_id, delay, exc)
+                        "database" if database_fault(exc) else "broker", case_id, delay, exc)
         else:
             log.warning("%s: transient fault, retry %d/%d in %ss: %s", self.name, used + 1, policy.max_retries,
                         delay, exc)
             if dispatch is not None:
-                runtime.store().hold_lease(case_id, dispatch, _lease() + delay)
+                context.current().store.hold_lease(case_id, dispatch, _lease() + delay)
         kwargs = {**self.request.kwargs, "outages": outages + outage}
         try:
             raise self.retry(args=self.request.args, kwargs=kwargs, exc=exc, countdown=delay)
@@ -113,8 +113,8 @@ class PipelineTask(Task):
         try:
             if case_id is None or dispatch is None:
                 raise LookupError("not a step of a case's dispatch")  # a command (stop): it must not be lost
-            if runtime.store().park(case_id, dispatch, reason) is not None:
-                messages.emit("case_waiting", {"reason": reason}, case_id=case_id)
+            if context.current().store.park(case_id, dispatch, reason) is not None:
+                messages.emit(context.current(), "case_waiting", {"reason": reason}, case_id=case_id)
             log.error("%s: case %s handed to the reconciler: %s", self.name, case_id, reason)
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.error("%s: %s; the message goes back to the broker (%s)", self.name, reason, exc)
@@ -158,12 +158,12 @@ class PeriodicTask(Task):
             if not infrastructure_fault(exc):
                 raise
             log.warning("%s: the %s is unreachable; its next run tries again: %s", self.name,
-                        "database" if _database_fault(exc) else "broker", (str(exc).splitlines() or [type(exc).__name__])[0])
+                        "database" if database_fault(exc) else "broker", (str(exc).splitlines() or [type(exc).__name__])[0])
             return None
 
 
 def _lease() -> float:
-    return runtime.settings().reconciler.lease_seconds
+    return context.current().lease_seconds
 
 
 def backoff(retries: int, policy, *, whole_seconds: bool = False, cap: float | None = None) -> float:
@@ -180,42 +180,12 @@ def backoff(retries: int, policy, *, whole_seconds: bool = False, cap: float | N
 
 def host_down(exc: BaseException) -> bool:
     """The fault is the host's being unreachable (its breaker is not closed)."""
-    from .breaker import HostUnavailable
+    from ..breaker import HostUnavailable
 
     if isinstance(exc, HostUnavailable):
         return True
-    breaker = runtime.breaker()
+    breaker = context.current().breaker
     return isinstance(exc, ConnectionError_) and breaker is not None and breaker.state()[0] != "closed"
-
-
-def infrastructure_fault(exc: BaseException) -> bool:
-    """The database or the broker failed, not the case's work."""
-    from kombu.exceptions import OperationalError as BrokerError
-
-    return isinstance(exc, BrokerError) or _database_fault(exc)
-
-
-# What a database that does not answer says (a query that is wrong says something else).
-_UNREACHABLE = ("could not connect", "connection refused", "connection to server", "server closed the connection",
-                "terminating connection", "connection already closed", "ssl connection has been closed",
-                "the database system is", "could not translate host name", "database is locked")
-
-
-def _database_fault(exc: BaseException) -> bool:
-    """The database is down, restarting or lost the connection: not a wrong query (e.g.
-    "no such table"), which is retried within the budget and then fails."""
-    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-
-    if isinstance(exc, DisconnectionError):
-        return True
-    if not isinstance(exc, (OperationalError, InterfaceError)):
-        return False
-    if exc.connection_invalidated:
-        return True
-    code = getattr(exc.orig, "pgcode", None)
-    if code:  # PostgreSQL: connection exception, or the server shutting down
-        return code.startswith(("08", "57P"))
-    return any(words in str(exc.orig).lower() for words in _UNREACHABLE)
 
 
 def _trace_id(case_id: str) -> str | None:
@@ -227,18 +197,17 @@ def _trace_id(case_id: str) -> str | None:
         return None
 
 
-@lru_cache(maxsize=1024)
 def _stored_trace_id(case_id: str) -> str | None:
-    case = runtime.store().get_case(case_id)
-    return case.trace_id if case else None
+    ctx = context.current()
+    if case_id not in ctx.trace_ids:  # a case's id for the logs never changes: asked once per process
+        case = ctx.store.get_case(case_id)
+        if case is None:
+            return None
+        ctx.trace_ids[case_id] = case.trace_id
+    return ctx.trace_ids[case_id]
 
 
 logs.case_resolver = _trace_id  # Celery's own lines about a task (e.g. "received") carry its case's id
-
-
-def for_case(case_id: str):
-    """Log lines and events inside carry the case's correlation id (for loops over cases)."""
-    return logs.bound(_trace_id(case_id))
 
 
 def case_id_of(args, kwargs) -> str | None:
