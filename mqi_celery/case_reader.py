@@ -18,7 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 
-from . import delivery_log
+from . import delivery_log, reference_dose
+from .reference_dose import ReferenceDose
 from .errors import ValidationError, case_removed
 from .hosts import case_file_sha256, open_case_file
 from .naming import PORTABLE_HINT, name_problem, shown
@@ -54,6 +55,7 @@ class CaseInfo:
     machine: str
     beams: tuple[DeliveredBeam, ...]
     unused: tuple[str, ...] = ()  # layer files no PlanRange.txt row names: reported, not uploaded
+    references: tuple[ReferenceDose, ...] = ()  # the planned doses (QA): checked, never uploaded
 
 
 @dataclass(frozen=True)
@@ -278,9 +280,11 @@ def _beam_name(plan_file: str, number: int, beam) -> str:
     return name
 
 
-def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
+def read_case(case_dir: Path, marker: str = "_CASE_READY", *, references: str = "RD*.dcm",
+              require_reference: bool = False) -> CaseInfo:
     """Validate the case; raises ``ValidationError`` with the first problem found. Every
-    folder of the case must be a beam's delivery log: nothing is skipped unannounced."""
+    folder of the case must be a beam's delivery log: nothing is skipped unannounced.
+    ``references``: the planned doses' file pattern (``require_reference``: one must be there)."""
     inv = inventory(case_dir, marker)
     plan_file, plan, beams = _read_plan(case_dir, inv)
     _check_plan_identity(plan_file, plan)
@@ -318,8 +322,12 @@ def read_case(case_dir: Path, marker: str = "_CASE_READY") -> CaseInfo:
         delivered[number] = DeliveredBeam(number, _beam_name(plan_file, number, beam), folder, layers,
                                           str(beam.get("TreatmentMachineName", "")))
     first = delivered[min(delivered)]
+    planned = reference_dose.check(case_dir, reference_dose.find(inv.top_files(), references), plan, set(delivered))
+    if require_reference and not planned:
+        raise ValidationError(f"no planned dose ({references}) in the case folder, and qa.require_reference is set; "
+                              "export the planned dose (RTDOSE, per beam or for the plan) into it")
     return CaseInfo(plan_file=plan_file, study_uid=str(plan.get("StudyInstanceUID", "")), machine=first.machine,
-                    beams=tuple(delivered[n] for n in sorted(delivered)), unused=tuple(unused))
+                    beams=tuple(delivered[n] for n in sorted(delivered)), unused=tuple(unused), references=planned)
 
 
 def last_change(folder: Path) -> float:

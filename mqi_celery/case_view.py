@@ -11,7 +11,7 @@ from .terminal import data
 
 def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True) -> dict:
     d = {"case_id": case.case_id, "path": case.path, "status": case.status.value, "step": case.step,
-         "error": case.error, "waiting_for": case.wait_reason, "stage": case.stage,
+         "error": case.error, "waiting_for": case.wait_reason, "stage": case.stage, "verdict": case.verdict,
          "attempts": case.attempts, "correlation_id": case.trace_id,
          "created_at": case.created_at.isoformat() + "Z" if case.created_at else None,
          "updated_at": case.updated_at.isoformat() + "Z" if case.updated_at else None}
@@ -19,9 +19,23 @@ def case_dict(case: Case, *, events: list | None = None, with_jobs: bool = True)
         d["jobs"] = [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "step": j.step,
                       "error": j.error, "scheduler": j.scheduler, "remote_id": j.remote_id, "gpu": j.gpu_id,
                       "exit_code": j.exit_code, "results": j.results} for j in case.jobs]
+        d["qa"] = case.qa
     if events is not None:
         d["events"] = events
     return d
+
+
+# A FAIL is a clinical finding: it stands out wherever a case is shown.
+VERDICT_STYLE = {"PASS": "green", "REVIEW": "bold yellow", "FAIL": "bold white on red"}
+
+
+def verdict_cell(case: Case):
+    qa = case.qa or {}
+    rates = [b["pass_rate"] for b in qa.get("beams", []) if b.get("pass_rate") is not None]
+    shown = case.verdict or ""
+    if rates:
+        shown += f" (min {min(rates):.1f} %)"
+    return data(shown, style=VERDICT_STYLE.get(case.verdict or "", "white"))
 
 
 def cases_table(cases: list[Case], total: dict[str, int] | None = None) -> Table:
@@ -30,13 +44,13 @@ def cases_table(cases: list[Case], total: dict[str, int] | None = None) -> Table
         title += f" of {sum(total.values())} (" + ", ".join(f"{n} {s}" for s, n in sorted(total.items())) + \
             "); --all or --status/--since/--limit for others"
     table = Table(title=title, expand=True)
-    for col in ("case", "status", "step", "beams", "error"):
+    for col in ("case", "status", "step", "beams", "QA verdict", "error"):
         table.add_column(col, overflow="fold")
     colors = {"COMPLETED": "green", "FAILED": "red", "PROCESSING": "cyan", "QUEUED": "yellow"}
     for c in cases:
         beams = " ".join(f"{j.beam}:{j.status.value[0]}" for j in c.jobs)
         color = colors.get(c.status.value, "white")
-        table.add_row(data(c.case_id), data(c.status.value, style=color), data(c.step), beams,
+        table.add_row(data(c.case_id), data(c.status.value, style=color), data(c.step), beams, verdict_cell(c),
                       data(c.error or (f"waiting: {c.wait_reason}" if c.wait_reason else "")))
     return table
 

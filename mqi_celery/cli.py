@@ -160,10 +160,17 @@ def cases_show(case_id: str, as_json: bool = JsonOpt):
                   markup=False)
     if case.wait_reason:
         console.print(data(f"waiting: {case.wait_reason}", style="yellow"), highlight=False)
+    qa_beams = {b["beam"]: b for b in (case.qa or {}).get("beams", [])}
     for j in d["jobs"]:
         step = f" ({j['step']})" if j["step"] == "waiting" else ""
-        console.print(data(f"beam {j['beam']} ({j['beam_name']}): {j['status']}{step} {j['error'] or ''}"),
+        qa = qa_beams.get(j["beam"], {})
+        judged = (f"  QA {qa['verdict']}" + (f", {qa['pass_rate']:.2f} % passing" if qa.get("pass_rate") is not None
+                                              else "")) if qa else ""
+        console.print(data(f"beam {j['beam']} ({j['beam_name']}): {j['status']}{step} {j['error'] or ''}{judged}"),
                       highlight=False)
+    if case.qa:
+        console.print(data(f"QA: {case.verdict} at {case.qa['criteria']['label']}; the record: "
+                           f"{_settings().paths.results / case.case_id / 'report.pdf'}"), highlight=False)
     for e in d["events"]:
         console.print(data(f"{e['timestamp']} {e['command']} {json.dumps(e['payload'], ensure_ascii=False)}"),
                       highlight=False)
@@ -372,7 +379,7 @@ def main() -> None:
         sys.exit(1)
 
 
-from . import cli_services  # noqa: E402,F401  (the operator's commands, listed after these)
+from . import cli_qa, cli_services  # noqa: E402,F401  (the QA's and the operator's commands, listed after these)
 
 if __name__ == "__main__":
     main()

@@ -74,9 +74,11 @@ def admit(ctx, case_id: str) -> bool:
     with logs.bound(case.trace_id):
         began = db.utcnow()  # what changes after this is looked at again (scanner.look_again)
         try:
-            info = case_reader.read_case(case_dir, settings.scanner.marker)
+            info = case_reader.read_case(case_dir, settings.scanner.marker, references=settings.qa.reference_files,
+                                         require_reference=settings.qa.require_reference)
             _check_gantries(info, settings.engine.gantry_num)
-            files = case_reader.manifest(case_dir, settings.scanner.marker, leave_out=info.unused)
+            planned = [r.file for r in info.references]  # the QA's, never the engine's: not uploaded
+            files = case_reader.manifest(case_dir, settings.scanner.marker, leave_out=[*info.unused, *planned])
         except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the case fails with a reason
             if infrastructure_fault(exc):
                 raise  # the database is down: the task is retried while it lasts (workers.base.PipelineTask)
@@ -99,10 +101,11 @@ def admit(ctx, case_id: str) -> bool:
             return False
         store.add_jobs(case_id, [NewJob(b.number, b.name, b.folder) for b in info.beams])
         lifecycle.validated(store, case_id, settings.reconciler.lease_seconds, manifest=files,
-                            study_uid=info.study_uid, checked_at=began, left_out=list(info.unused))
+                            study_uid=info.study_uid, checked_at=began, left_out=[*info.unused, *planned])
         # No path: nested layouts put the patient id in it; events carry case ids only.
-        messages.emit(ctx, "new_case_found", {"valid": True, "files": len(files),
-                                         "beams": [b.number for b in info.beams]}, case_id=case_id)
+        messages.emit(ctx, "new_case_found", {"valid": True, "files": len(files), "beams": [b.number for b in info.beams],
+                                              "planned_doses": {r.file: r.beam or "plan" for r in info.references}},
+                      case_id=case_id)
         if twin := store.copy_of(case_id, info.study_uid, files):
             messages.emit(ctx, "case_warning", {"copy_of": twin, "reason": (
                 f"the same delivery as case {twin} (the same plan and delivery log files, dropped under another "
@@ -223,7 +226,8 @@ def finalize(ctx, case_id: str) -> str:
         metrics.case_finished("FAILED", case.created_at, CaseStep.FINISHED.value)
         messages.emit_recorded(ctx, events)
         return CaseStatus.FAILED.value
-    events = [messages.prepare("case_completed", {"beams": [j.beam for j in case.jobs], "results": {
+    events = [messages.prepare("case_completed", {"beams": [j.beam for j in case.jobs], "verdict": case.verdict,
+                                                   "results": {
         n: s for j in case.jobs for n, s in j.results.items()}}, case_id=case_id)]
     if lifecycle.finished(store, case_id, None, events) is None:
         return "skipped: finalized meanwhile"
@@ -238,8 +242,9 @@ def _write_report(ctx, case: Case) -> None:
     holds exactly what the report lists."""
     folder = ctx.settings.paths.results / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
-    moved_to, stale = _move_aside(folder, keep={name for j in case.jobs for name in j.results} | {"report.json"})
-    report = {"case_id": case.case_id, "study_uid": case.study_uid,
+    keep = {name for j in case.jobs for name in j.results} | {"report.json", "report.pdf"}  # report.pdf: the QA's
+    moved_to, stale = _move_aside(folder, keep=keep)
+    report = {"case_id": case.case_id, "study_uid": case.study_uid, "verdict": case.verdict, "qa": case.qa,
               "jobs": [{"beam": j.beam, "beam_name": j.beam_name, "status": j.status.value, "error": j.error,
                         "results": j.results} for j in case.jobs],
               **({"moved_aside": {"folder": str(moved_to.relative_to(folder)), "files": stale}} if stale else {})}

@@ -261,6 +261,27 @@ class Curator(Section):
     claim_grace_seconds: float = Field(300.0, gt=0)
 
 
+class QA(Section):
+    """Each beam's recomputed dose against the planned dose (gamma). Defaults: AAPM TG-218."""
+    dose_percent: float = Field(3.0, gt=0)
+    distance_mm: float = Field(2.0, gt=0)
+    cutoff_percent: float = Field(10.0, ge=0, lt=100)  # low-dose threshold, % of the reference maximum
+    local: bool = False  # local gamma (ΔD of each point's own reference dose) instead of global
+    tolerance_percent: float = Field(95.0, gt=0, le=100)  # passing at or above it: PASS
+    action_percent: float = Field(90.0, gt=0, le=100)  # passing below it: FAIL; between: REVIEW
+    max_gamma: float = Field(2.0, gt=1)  # the search stops there (faster); gammas above read as it
+    random_subset_3d: int | None = Field(None, ge=1000)  # 3D grids: judge this many random points
+    require_reference: bool = False  # a case without a reference dose fails validation
+    reference_files: str = "RD*.dcm"  # the planned dose(s) in the case folder; never uploaded
+
+    @model_validator(mode="after")
+    def _levels(self) -> "QA":
+        if self.action_percent > self.tolerance_percent:
+            raise ValueError(f"action_percent ({self.action_percent:g}) must not exceed tolerance_percent "
+                             f"({self.tolerance_percent:g})")
+        return self
+
+
 class Logging(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = Path("var/log/mqi.jsonl")
@@ -315,6 +336,8 @@ DEFAULT_GROUPS = (
     WorkerGroup(name="execute", queues=("execute",)),
     # The control loop (poller, reconciler): one task at a time, never behind transfers.
     WorkerGroup(name="control", queues=("control",), pool="solo", concurrency=1),
+    # The QA (gamma): CPU work, one at a time, never in the way of transfers or the poller.
+    WorkerGroup(name="qa", queues=("qa",), concurrency=1),
 )
 
 
@@ -352,6 +375,7 @@ class Settings(Section):
     scheduler: Scheduler = Scheduler()
     engine: Engine = Engine()
     curator: Curator = Curator()
+    qa: QA = QA()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
     flower: Flower = Flower()

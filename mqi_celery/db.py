@@ -51,6 +51,9 @@ class CaseRow(Base):
     # the scanner looks again at a folder changed after it (scanner.look_again).
     checked_at: Mapped[datetime | None] = mapped_column(DateTime)
     left_out: Mapped[list | None] = mapped_column(JSON)  # there at validation, not part of the case
+    # The QA evaluation (qa_evaluator): the verdict, and what it was reached with.
+    verdict: Mapped[str | None] = mapped_column(String(24))
+    qa: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow, index=True)
 

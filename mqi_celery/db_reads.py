@@ -19,11 +19,12 @@ from .errors import ConnectionError_
 from .models import ACTIVE_CASE, Case, CaseStatus, Job, JobStatus
 
 # The Alembic head: a database at it is read without Alembic (a test keeps them equal).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 HOST_EVENTS = ("host_unreachable", "host_reachable")
 _ACTIVE = tuple(s.value for s in ACTIVE_CASE)
 CASE_COLUMNS = ("case_id", "path", "status", "step", "error", "trace_id", "study_uid", "attempts", "stage",
-                "dispatch", "lease_until", "reconciles", "wait_reason", "created_at", "updated_at", "manifest")
+                "dispatch", "lease_until", "reconciles", "wait_reason", "created_at", "updated_at", "manifest",
+                "verdict", "qa")
 JOB_COLUMNS = ("id", "case_id", "beam", "beam_name", "delivery_dir", "status", "step", "error", "scheduler",
                "remote_id", "remote_state", "exit_code", "gpu_id", "results", "submitted_at", "started_at",
                "resubmits", "judge_attempts", "finished_at")
@@ -47,7 +48,8 @@ def case_of(v: dict[str, Any], jobs: list[Job] | tuple[Job, ...] = ()) -> Case:
                 error=v["error"], trace_id=v["trace_id"], study_uid=v["study_uid"], attempts=v["attempts"] or 0,
                 stage=v["stage"], dispatch=v["dispatch"] or 0, lease_until=_when(v["lease_until"]),
                 reconciles=v["reconciles"] or 0, wait_reason=v["wait_reason"], created_at=_when(v["created_at"]),
-                updated_at=_when(v["updated_at"]), manifest=_json(v["manifest"]) or {},
+                updated_at=_when(v["updated_at"]), manifest=_json(v["manifest"]) or {}, verdict=v["verdict"],
+                qa=_json(v["qa"]),
                 jobs=tuple(sorted(jobs, key=lambda j: j.beam)))
 
 

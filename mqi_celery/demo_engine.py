@@ -2,8 +2,15 @@
 
 It reads a MOQUI input file, finds the RT Ion plan, prints MOQUI-like progress
 and writes one RTDOSE per beam named ``<BeamName>_<BeamNumber>_<Scorer>.dcm``
-with a smooth, deterministic dose blob. ``--fail`` simulates the ways the real
-engine fails, so the code that drives it can be tested.
+with a dose the tests can reason about (``dose_plane``): on MOQUI's 400 × 400 plane at
+1 mm (z = 0), a Gaussian spot whose centre (80 mm from the axis, at 1.3 rad × the beam
+number) and width (σ = 25 + 5 × (beam number mod 4) mm) follow the plan's beam number, and
+whose height is 2 Gy × the delivered fraction of the beam's energy layers (the layers the
+delivery log's PlanRange.txt lists over the plan's NumberOfControlPoints / 2): a delivery
+cut short gives less dose. ``--fail`` simulates the ways the real engine fails, so the
+code that drives it can be tested. ``--planned-dose CASE_FOLDER`` writes, into a case
+folder, the planned dose of each of its plan's beams as this engine computes it for a
+complete delivery (``RD.<beam>.dcm``): a case to see a QA verdict with (``make run``).
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ def _at_least(low, convert):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqi-demo-engine", description=__doc__.splitlines()[0])
-    parser.add_argument("input_file", metavar="INPUT_FILE", help="MOQUI input file")
+    parser.add_argument("input_file", metavar="INPUT_FILE", nargs="?", help="MOQUI input file")
+    parser.add_argument("--planned-dose", type=Path, metavar="CASE_FOLDER",
+                        help="write the plan's per-beam planned dose (RD.<beam>.dcm) into a case folder, and exit")
     parser.add_argument("--batches", type=_at_least(1, int), default=5,
                         help="progress batches per beam")
     parser.add_argument("--delay", type=_at_least(0, float), default=0.05,
@@ -81,13 +90,28 @@ def _load_plan(dicom_dir: Path) -> Dataset:
     return plan
 
 
-def dose_plane(beam_number: int) -> np.ndarray:
-    """Dose in Gy on the 400x400 grid: a Gaussian blob placed by beam number."""
+def dose_plane(beam_number: int, delivered: float = 1.0) -> np.ndarray:
+    """Dose in Gy on the 400x400 grid: a Gaussian blob placed by beam number, 2 Gy high for
+    a complete delivery (``delivered``: the fraction of the plan's layers delivered)."""
     angle = beam_number * 1.3
     cx, cy = GRID / 2 + 80 * math.cos(angle), GRID / 2 + 80 * math.sin(angle)
     sigma = 25.0 + 5 * (beam_number % 4)
     y, x = np.mgrid[0:GRID, 0:GRID]
-    return 2.0 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+    return 2.0 * delivered * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+
+
+def delivered_fraction(beam: Dataset, log_dir: Path | None) -> float:
+    """The energy layers the delivery log lists (distinct LAYER_NO in PlanRange.txt) over the
+    plan beam's layers (two control points each); 1.0 without a readable log."""
+    import csv
+
+    planned = int(beam.get("NumberOfControlPoints") or 0) // 2
+    try:
+        with open(log_dir / "PlanRange.txt", newline="", encoding="utf-8-sig") as f:
+            layers = {row.get("LAYER_NO") for row in csv.DictReader(f)} - {None, ""}
+    except (OSError, TypeError, UnicodeDecodeError, csv.Error):
+        return 1.0
+    return len(layers) / planned if planned and layers else 1.0
 
 
 def _fraction_group_number(plan: Dataset, beam_number: int) -> int:
@@ -98,9 +122,9 @@ def _fraction_group_number(plan: Dataset, beam_number: int) -> int:
     return 1
 
 
-def build_rtdose(plan: Dataset, beam_number: int) -> Dataset:
+def build_rtdose(plan: Dataset, beam_number: int, delivered: float = 1.0) -> Dataset:
     """An RTDOSE dataset shaped like MOQUI's, referencing ``plan`` and the beam."""
-    dose = dose_plane(beam_number)
+    dose = dose_plane(beam_number, delivered)
     # DS holds at most 16 characters, so round the scaling before using it.
     scaling = float(f"{dose.max() / 65000:.6e}")
     pixels = np.clip(np.rint(dose / scaling), 0, 65535).astype("<u2")
@@ -207,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
     parent = _resolve(config.get("ParentDir", "."), input_path.parent, absolute)
     plan = _load_plan(_resolve(config["DicomDir"], parent, absolute))
     output_dir = _resolve(config["OutputDir"], input_path.parent, absolute)
+    log_dir = _resolve(config["logFilePath"], parent, absolute) if config.get("logFilePath") else None
     scorer, gpu = config.get("Scorer", "Dose"), config.get("GPUID", "0")
 
     beams = {int(b.BeamNumber): b for b in plan.IonBeamSequence}
@@ -230,17 +255,33 @@ def _run(args: argparse.Namespace) -> int:
         if code is not None:
             return code
         if fail != "no-output":
-            _write(build_rtdose(plan, number), output_dir / output_name(beam_name, number, scorer))
+            delivered = delivered_fraction(beams[number], log_dir)
+            _write(build_rtdose(plan, number, delivered), output_dir / output_name(beam_name, number, scorer))
 
     _say(f"Total execution time: {round((time.monotonic() - started) * 1000)} ms")
     return 0
 
 
+def _planned_dose(case_dir: Path) -> int:
+    """The plan's per-beam planned doses, as this engine computes a complete delivery."""
+    plan = _load_plan(case_dir)
+    for beam in plan.IonBeamSequence:
+        if beam.get("TreatmentDeliveryType", "TREATMENT") == "TREATMENT":
+            ds = build_rtdose(plan, int(beam.BeamNumber))
+            ds.Manufacturer, ds.SeriesDescription = "mqi-demo-engine", "Planned dose (demo: the engine's own)"
+            _write(ds, case_dir / f"RD.{int(beam.BeamNumber)}.dcm")
+            _say(f"wrote {case_dir / f'RD.{int(beam.BeamNumber)}.dcm'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``mqi-demo-engine``; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.planned_dose is None and args.input_file is None:
+        parser.error("INPUT_FILE is required (or --planned-dose CASE_FOLDER)")
     try:
-        return _run(args)
+        return _planned_dose(args.planned_dose) if args.planned_dose else _run(args)
     except FatalError as exc:
         print(f"FATAL ERROR: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -47,6 +47,7 @@ class CaseStep(StrEnum):
     RUNNING = "running"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
+    EVALUATING = "evaluating"  # the QA: each beam's dose against the planned dose
     FINISHED = "finished"
     FOLDER_CHANGED = "folder changed"  # FAILED: its folder changed while it ran; runs again once settled
 
@@ -143,6 +144,14 @@ def to_poller(store: Store, case_id: str, *, running: bool = False) -> bool:
     if moved and running:
         store.update_case(case_id, step=CaseStep.RUNNING.value)
     return moved
+
+
+def evaluated(store: Store, case_id: str, verdict: str, qa: dict[str, Any], events: list[dict[str, Any]],
+              *, active: bool = True) -> Case | None:
+    """The QA evaluation is stored with its event (``active``: in the pipeline, only while
+    the case is PROCESSING; a completed case evaluated again keeps its status)."""
+    return store.update_case(case_id, verdict=verdict, qa=qa, events=events,
+                             only_from={CaseStatus.PROCESSING} if active else TERMINAL_CASE)
 
 
 def finished(store: Store, case_id: str, failure: str | None, events: list[dict[str, Any]]) -> Case | None:

@@ -40,6 +40,7 @@ COMPONENT = {
     "execution_waiting": "curator",
     "claim_released": "curator",
     "gpu_shared": "curator",
+    "qa_evaluated": "qa",
 }
 
 

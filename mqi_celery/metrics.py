@@ -56,15 +56,19 @@ TRANSFER_SECONDS = Counter("mqi_transfer_seconds", "Time spent sending or receiv
 SSH_CONNECTIONS = Counter("mqi_ssh_connections_opened", "SSH connections opened (handshakes with a host)",
                           ["host"])
 SCHEDULER_QUERIES = Counter("mqi_scheduler_queries", "Commands sent to a host's scheduler", ["host", "command"])
+QA_PASS_RATE = Histogram("mqi_qa_gamma_pass_rate", "Gamma passing rate (%) of each evaluated beam (or plan dose)",
+                         buckets=(50, 80, 85, 90, 92.5, 95, 97, 98, 99, 99.5, 100))
+QA_VERDICTS = Counter("mqi_qa_verdicts", "Cases evaluated, by their QA verdict", ["verdict"])
 
 for _status in ("COMPLETED", "FAILED"):  # both series exist from the start (rates need them)
     CASES.labels(status=_status)
 
 # The step names a failure is counted under (anything else: "other").
 FAILURE_STEPS = ("validation", "queued", "uploading", "uploaded", "submitting", "submitted", "input written",
-                 "running", "finished", "downloading", "verifying", "stopped")
+                 "running", "finished", "downloading", "verifying", "evaluating", "stopped")
 TASK_STEPS = {"mqi.upload_case": "upload", "mqi.submit_beam": "submit", "mqi.download_results": "download",
-              "mqi.verify_results": "verify", "mqi.finalize_case": "finalize", "mqi.poll_jobs": "poll",
+              "mqi.verify_results": "verify", "mqi.evaluate_case": "evaluate", "mqi.finalize_case": "finalize",
+              "mqi.poll_jobs": "poll",
               "mqi.scan_inbox": "scan", "mqi.reconcile": "reconcile"}
 
 

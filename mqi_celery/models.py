@@ -102,4 +102,6 @@ class Case:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     manifest: dict[str, str] = field(default_factory=dict)
+    verdict: str | None = None  # the QA verdict (dose_compare): its worst beam's
+    qa: dict | None = None  # the QA evaluation: criteria, per-beam results, assumptions
     jobs: tuple[Job, ...] = ()

@@ -48,7 +48,7 @@ def container_env(service: dict) -> dict[str, str]:
 
 def test_compose_file_is_valid(compose_schema, compose):
     jsonschema.Draft201909Validator(compose_schema).validate(compose)
-    assert {"rabbitmq", "postgres", "core", "transfer", "execute", "control", "beat", "flower", "celery-exporter",
+    assert {"rabbitmq", "postgres", "core", "transfer", "execute", "control", "qa", "beat", "flower", "celery-exporter",
             "prometheus", "grafana", "hpc"} <= set(compose["services"])
 
 
@@ -81,7 +81,7 @@ def test_every_mqi_container_runs_processes_its_configuration_has(compose, tmp_p
     assert everything.count("beat") == 1 and everything.count("flower") == 1
     workers = [p for p in everything if p not in ("beat", "flower", "metrics")]
     assert sorted(workers) == sorted(set(workers)) == sorted(n for n in run if n not in ("beat", "flower"))
-    assert len(workers) == 4
+    assert len(workers) == 5
     assert all("metrics" in run[w] for w in workers)
     from mqi_celery.config import load_settings
 

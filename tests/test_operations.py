@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mqi_celery import context
+from mqi_celery import context, demo_engine
 from mqi_celery.models import CaseStatus
 from tests.casegen import make_case
 from tests.operations import free_port, installation, sample, scrape, wait_answering  # noqa: F401
@@ -23,7 +23,7 @@ from tests.polling import poll_until
 pytestmark = pytest.mark.integration
 
 GROUPS = {"core": ("scan", "conductor", "curator"), "transfer": ("transfer",), "execute": ("execute",),
-          "control": ("control",)}
+          "control": ("control",), "qa": ("qa",)}
 
 
 def drop(inbox, name, fail_mode: str | None = None):
@@ -281,7 +281,9 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(install
             targets = requests.get(f"http://127.0.0.1:{prometheus_port}/api/v1/targets", timeout=10).json()
             raise AssertionError([(t["scrapeUrl"], t["health"], t["lastError"])
                                   for t in targets["data"]["activeTargets"]]) from None
-        drop(inst.inbox, "good")
+        good = make_case(inst.inbox, "good")
+        assert demo_engine.main(["--planned-dose", str(good)]) == 0  # its planned doses: the QA judges it
+        (good / "_CASE_READY").touch()
         bad = make_case(inst.inbox, "bad")
         for plan in bad.glob("RP*.dcm"):
             plan.unlink()
@@ -309,6 +311,12 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_returns_data(install
         except AssertionError:
             raise AssertionError(f"cases counted: {finished()}") from None
         assert prometheus_query(prometheus_port, 'max(celery_queue_length{queue_name="transfer"})')
+        # The QA panel: the three beams of "good" passed 100 % (its planned dose is the engine's own).
+        median = prometheus_query(prometheus_port, next(q for q in dashboard_queries() if q.startswith(
+            "histogram_quantile(0.5, sum by (le) (increase(mqi_qa_gamma_pass_rate_bucket")))
+        assert float(median[0]["value"][1]) > 99.0, median
+        verdicts = prometheus_query(prometheus_port, 'sum by (verdict) (mqi_qa_verdicts_total)')
+        assert {r["metric"]["verdict"]: float(r["value"][1]) for r in verdicts} == {"PASS": 1.0}
         # The workers panel counts nodes (4 here, on one host), not hosts as celery-exporter does.
         nodes = prometheus_query(prometheus_port, "sum(mqi_worker_nodes)")
         assert float(nodes[0]["value"][1]) == len(GROUPS), nodes

@@ -82,7 +82,7 @@ def test_every_static_block_names_what_exists():
     for variable in re.findall(r"^(\w+)=", blocks("sh-static")[1].split("printf '", 1)[1].replace("\\n", "\n"), re.M):
         assert f"${{{variable}:?" in compose, variable
     logs = re.findall(r"/data/mqi/log/(\w+)\.log", DOC.read_text())
-    assert sorted(set(logs)) == sorted({"core", "transfer", "execute", "control", "beat", "flower", "metrics", "exporter"})
+    assert sorted(set(logs)) == sorted({"core", "transfer", "execute", "control", "qa", "beat", "flower", "metrics", "exporter"})
 
 
 def test_every_troubleshooting_heading_is_a_message_the_code_emits():

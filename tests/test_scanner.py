@@ -137,7 +137,7 @@ def test_retry_validates_a_fixed_case_again(ctx, config_file, monkeypatch):
 
 
 def test_an_unreadable_case_fails_with_a_reason_instead_of_staying_new(ctx, config_file, monkeypatch):
-    def broken(path, _marker):
+    def broken(path, _marker, **_):
         raise PermissionError(13, "Permission denied", str(path / "RP.plan.dcm"))
     monkeypatch.setattr("mqi_celery.case_reader.read_case", broken)
     make_case(context.current().settings.paths.inbox, "locked", marker=True)

@@ -70,7 +70,7 @@ def test_systemd_accepts_the_units_and_passes_every_argument_unchanged(units):
         assert f["EnvironmentFile"] == [str(env_file) if unit.name == "mqi-flower.service" else f"-{env_file}"]
         assert "2" in f["RestartPreventExitStatus"][0].split()
     # Celery expands %h itself: every worker a node of its own on every host.
-    assert sorted(nodes) == ["control@%h", "core@%h", "execute@%h", "transfer@%h"]
+    assert sorted(nodes) == ["control@%h", "core@%h", "execute@%h", "qa@%h", "transfer@%h"]
     # celery-exporter is a unit like every other process (`mqi exporter`).
     assert shlex.split(fields((folder / "mqi-exporter.service").read_text())["ExecStart"][0])[-1] == "exporter"
 

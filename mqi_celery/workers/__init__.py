@@ -9,4 +9,5 @@ imports Celery; the domain reaches the broker through ``Context.sender`` (``send
     execute     remote_executor mqi.submit_beam
     control     poller, reconciler  mqi.poll_jobs, mqi.reconcile, mqi.resume_parked
     curator     curator        mqi.read_host, mqi.report_system_status
+    qa          qa_evaluator   mqi.evaluate_case
 """

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # How a task's step is named in a reason shown to a user.
 STEP_WORDS = {"mqi.upload_case": "upload", "mqi.download_results": "download of the results",
               "mqi.submit_beam": "preparing and submitting a beam", "mqi.verify_results": "verification of the results",
+              "mqi.evaluate_case": "QA evaluation",
               "mqi.finalize_case": "finishing the case"}
 
 

@@ -13,6 +13,7 @@ def workflow(app, case):
     """The canvas that carries a case on from the stage it is in (by task name):
 
         upload ─► submit (one task per beam) ─► run (no task: the poller watches) ─► collect
+        collect: download ─► verify ─► evaluate (QA, queue qa) ─► finalize
     """
     cid, n = case.case_id, case.dispatch
 
@@ -21,7 +22,8 @@ def workflow(app, case):
     upload = step("mqi.upload_case")
     pending = [step("mqi.submit_beam", j.beam) for j in case.jobs if j.status is JobStatus.PENDING]
     submit = group(pending) if pending else None
-    collect = chain(step("mqi.download_results"), step("mqi.verify_results"), step("mqi.finalize_case"))
+    collect = chain(step("mqi.download_results"), step("mqi.verify_results"), step("mqi.evaluate_case"),
+                    step("mqi.finalize_case"))
     return {Stage.UPLOAD: chain(upload, submit) if submit else upload,
             Stage.SUBMIT: submit,
             Stage.RUN: None,

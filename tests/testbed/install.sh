@@ -5,7 +5,9 @@
 set -euo pipefail
 
 # prometheus: the operations tests scrape a run with a real one (docker/prometheus/prometheus.yml).
-PKGS=(slurmctld slurmd slurmdbd slurm-client munge openssh-server openssh-client iproute2 procps prometheus)
+# poppler-utils: the QA test opens report.pdf in a real PDF reader (pdftotext, pdftoppm).
+PKGS=(slurmctld slurmd slurmdbd slurm-client munge openssh-server openssh-client iproute2 procps prometheus
+      poppler-utils)
 
 missing=()
 for p in "${PKGS[@]}"; do
