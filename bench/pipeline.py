@@ -119,7 +119,7 @@ def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 5
     up = subprocess.Popen([sys.executable, "-m", "mqi_celery.cli", "up"], cwd=folder, stdout=out,
                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ})
     try:
-        _wait(lambda: all(_pid(folder, g) for g in ("core", "transfer", "execute", "control", "beat")), 120, "mqi up")
+        _wait(lambda: all(_pid(folder, g) for g in ("core", "transfer", "execute", "control", "qa", "beat")), 120, "mqi up")
         time.sleep(5)  # workers connected: the first scan finds the cases at once
         staging, inbox = folder / "staging", folder / "inbox"
         inbox.mkdir(exist_ok=True)
@@ -138,7 +138,7 @@ def run(folder: Path, broker: str, database: str, tb: Testbed, *, cases: int = 5
             time.sleep(pace * arrivals.uniform(0.5, 1.5))  # the arrival rate under test, not a synchronisation
         _wait(lambda: all((c := store.get_case(n)) and c.status.value in ("COMPLETED", "FAILED") for n in dropped),
               3600, "every case to finish")
-        rss = {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "beat")}
+        rss = {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "qa", "beat")}
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(180)

@@ -25,15 +25,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 # pace: seconds between two cases in scenario 2 (one every 3 s keeps the 2 GPUs of the
 # testbed about as busy as they can be without the cases queueing behind each other).
-FULL = {"transfer_runs": 3, "big_mib": 1024, "cases": 50, "pace": 3.0, "year": 10_000}
-SMOKE = {"transfer_runs": 1, "big_mib": 16, "cases": 2, "pace": 1.0, "year": 60}
+FULL = {"transfer_runs": 3, "big_mib": 1024, "cases": 50, "pace": 3.0, "year": 10_000, "qa_grid": 200,
+        "qa_subset": 200_000}
+SMOKE = {"transfer_runs": 1, "big_mib": 16, "cases": 2, "pace": 1.0, "year": 60, "qa_grid": 30, "qa_subset": 2_000}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, results into a temporary folder")
     ap.add_argument("--out", type=Path, default=None, help="where benchmarks.md and the PNG go (default: docs/)")
-    ap.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 2,5")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="scenarios to run, e.g. 2,5")
     args = ap.parse_args(argv)
     size = SMOKE if args.smoke else FULL
     only = {int(x) for x in args.only.split(",")}
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["MQI_CONFIG"] = str(work / "bench.yaml")
     import bench_transfer
     import pipeline
+    import qa
     import report
     import year
     from tests.casegen import make_case
@@ -89,6 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     with postgres_database() as url:
                         results[f"year_{kind}"] = year.run(folder, url, size["year"])
+        if 7 in only:
+            print(f"scenario 7: gamma of a 400 x 400 plane (a new process), and of a {size['qa_grid']}^3 grid",
+                  flush=True)
+            results["qa"] = qa.run(work / "qa", n=size["qa_grid"], subset=size["qa_subset"])
+            if "pipeline" in results:  # the engine's time beside it (the stand-in's, per case)
+                results["qa"]["engine_seconds"] = results["pipeline"].get("engine_median")
     finally:
         tb.stop()
     out.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def footprint(folder: Path, seconds: float = 20.0) -> dict[str, list[float]]:
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ})
         try:
             time.sleep(seconds)  # a measured period of ordinary running, not a synchronisation
-            return {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "beat")}
+            return {name: _rss_tree(_pid(folder, name)) for name in ("core", "transfer", "execute", "control", "qa", "beat")}
         finally:
             up.terminate()
             up.wait(120)

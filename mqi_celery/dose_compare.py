@@ -21,6 +21,10 @@ from .dose_grid import DoseFileError, DoseGrid
 PASS, REVIEW, FAIL = "PASS", "REVIEW", "FAIL"
 NO_REFERENCE, NOT_JUDGED = "NO REFERENCE DOSE", "NOT JUDGED"
 SEVERITY = {PASS: 0, NO_REFERENCE: 1, NOT_JUDGED: 2, REVIEW: 3, FAIL: 4}  # a case's verdict: its worst beam's
+# pymedphys's own interpolation is compiled by numba on first use (about 1.5 s per process):
+# worth it for a 3D grid, not for a plane, where scipy's (the library's other option) needs no
+# compilation and a plane takes well under a second.
+INTERPOLATION = {2: "scipy", 3: "pymedphys"}
 HIGH_DOSE_PERCENT = 50.0  # the dose difference statistics cover reference doses at or above this share of the maximum
 
 
@@ -176,7 +180,8 @@ def _gamma(axes_ref, d_ref, axes_ev, d_ev, criteria: Criteria, top: float) -> np
             return pymedphys.gamma(axes_ref, d_ref, axes_ev, d_ev, criteria.dose_percent, criteria.distance_mm,
                                lower_percent_dose_cutoff=criteria.cutoff_percent, local_gamma=criteria.local,
                                    global_normalisation=top, max_gamma=criteria.max_gamma, quiet=True,
-                                   random_subset=criteria.random_subset if len(axes_ref) == 3 else None)
+                                   random_subset=criteria.random_subset if len(axes_ref) == 3 else None,
+                                   interp_algo=INTERPOLATION[len(axes_ref)])
     finally:
         logging.disable(before)
 

@@ -53,7 +53,8 @@ class Installation:
                                           {"name": "transfer", "queues": ["transfer"], "concurrency": 2},
                                           {"name": "execute", "queues": ["execute"], "concurrency": 2},
                                           {"name": "control", "queues": ["control"], "pool": "solo",
-                                           "concurrency": 1}]}}
+                                           "concurrency": 1},
+                                          {"name": "qa", "queues": ["qa"], "concurrency": 1}]}}
         for name, values in sections.items():
             base.setdefault(name, {}).update(values)
         self.config = write_config(folder, **base)

@@ -22,7 +22,8 @@ def test_every_benchmark_scenario_runs_tiny_and_writes_its_report(tmp_path):
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     report = (tmp_path / "benchmarks.md").read_text()
     for heading in ("## 1. Transfer", "## 2. Orchestration overhead", "## 3. Throughput", "## 4. Login-node economy",
-                    "## 5. A year of cases: 60 finished cases on sqlite", "on postgresql", "## 6. Footprint"):
+                    "## 5. A year of cases: 60 finished cases on sqlite", "on postgresql", "## 6. Footprint",
+                    "## 7. QA: gamma analysis"):
         assert heading in report, heading
     assert (tmp_path / "benchmarks-timeline.png").read_bytes()[:4] == b"\x89PNG"
     pipeline = results["pipeline"]
@@ -34,5 +35,8 @@ def test_every_benchmark_scenario_runs_tiny_and_writes_its_report(tmp_path):
         assert 0 <= row["overhead"] < row["end_to_end"] and len(row["engine"]) == 3
     for kind in ("sqlite", "postgresql"):
         assert results[f"year_{kind}"]["registered_new"] == 10
-    assert all(results["year_rss_mb"][name] for name in ("core", "transfer", "execute", "control"))
+    assert all(results["year_rss_mb"][name] for name in ("core", "transfer", "execute", "control", "qa"))
+    qa = results["qa"]
+    assert qa["plane"]["pass_rate"] == 100.0 and qa["plane"]["cold"] > 0
+    assert qa["grid"]["gaussian"]["points"] > 0 and qa["grid"]["broad"]["points"] == 2_000
     assert results["size"]["cases"] == 2
