@@ -120,13 +120,14 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     started = time.perf_counter()
     ids = fill(folder, cases)
     built = time.perf_counter() - started
-    store, inbox = context.current().store, context.current().settings.paths.inbox
-    scanner.scan_once(context.current())  # the scanner process's index, as after its first scan
+    ctx = context.current()
+    store, inbox = ctx.store, ctx.settings.paths.inbox
+    scanner.scan_once(ctx)  # the scanner process's index, as after its first scan
     for i in range(new):
         make_case(inbox, f"new_{i:02d}", marker=True)
     figures = {"cases": cases, "build_seconds": round(built, 1)}
-    figures["scan_new"] = timed(scanner.scan_inbox.run, runs=1)  # what beat runs: validation is the conductor's
-    figures["scan_nothing_new"] = timed(scanner.scan_inbox.run)
+    figures["scan_new"] = timed(lambda: scanner.scan_for_admission(ctx), runs=1)  # beat's: validation is the conductor's
+    figures["scan_nothing_new"] = timed(lambda: scanner.scan_for_admission(ctx))
     # Before: every registered path read from the database and every folder opened, each scan.
     figures["scan_baseline"] = timed(lambda: (store.known_paths(), list(scanner.survey(inbox, 3))), runs=1)
     figures["list"] = timed(lambda: as_a_user("cases", "list"))
@@ -137,7 +138,7 @@ def run(folder: Path, url: str, cases: int, new: int = 10) -> dict:
     with CpuHog(2):  # other work running: it must still answer within a second
         figures["status_loaded"] = timed(lambda: as_a_user("status"))
     figures["list_baseline"] = timed(lambda: store.list_cases(), runs=1)  # before: every case, every job
-    figures["curator"] = timed(lambda: curator.report_system_status.run())
+    figures["curator"] = timed(lambda: curator.report_system_status(ctx))
     sink = Console(file=io.StringIO(), width=160)
     figures["live_refresh"] = timed(lambda: sink.print(case_view.overview(store)))
     figures["registered_new"] = sum(1 for c in store.recent_cases(limit=None) if c.case_id.startswith("new_"))
