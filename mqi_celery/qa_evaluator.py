@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import case_reader, lifecycle, messages, metrics, reference_dose
+from . import case_reader, faults, lifecycle, messages, metrics, reference_dose
 from .dose_compare import NO_REFERENCE, NOT_JUDGED, Comparison, Criteria, compare, worst
 from .dose_grid import DoseFileError, DoseGrid, read_dose
 from .lifecycle import CaseStep, Stage
@@ -41,6 +41,7 @@ def evaluate_case(ctx, case_id: str) -> str:
     case = store.get_case(case_id)
     if case is None or case.stage != Stage.COLLECT or lifecycle.begin(store, case_id, CaseStep.EVALUATING) is None:
         return "skipped: case not collecting"
+    faults.point("before_evaluate")
     return evaluate(ctx, case_id, configured_criteria(ctx.settings.qa), active=True) or "skipped: finalized meanwhile"
 
 

@@ -78,3 +78,29 @@ def test_perturbed_references_give_the_library_s_pass_rates_and_every_verdict(em
     # Judged again with other criteria, without recomputing: 5 % scaled at 6 %/2 mm passes.
     again = run.mqi_json("cases", "evaluate", "qa_review", "--criteria", "6%/2mm")
     assert again["verdict"] == "PASS" and again["qa"]["criteria"]["dose_percent"] == 6.0
+    assert run.mqi_json("cases", "show", "qa_review")["verdict"] == "PASS"
+    refused = run.mqi("cases", "evaluate", "qa_wrong_beam")
+    assert refused.returncode == 1 and "only a COMPLETED case can be evaluated again" in " ".join(refused.stdout.split())
+    # The record written again from the stored criteria (6 %/2 mm now).
+    written = run.folder / "results" / "qa_review" / "report.pdf"
+    before = written.stat().st_mtime_ns
+    assert run.mqi("report", "qa_review").returncode == 0 and written.stat().st_mtime_ns > before
+    text = subprocess.run(["pdftotext", str(written), "-"], capture_output=True, text=True, check=True).stdout
+    assert "6%/2mm global" in text
+
+
+def test_a_worker_killed_while_it_evaluates_leaves_the_verdict_to_its_redelivery(embedded, tmp_path):
+    flag = tmp_path / "kill-at-evaluate"
+    flag.touch()
+    run = embedded({"MQI_FAULT_INJECT": f"before_evaluate:{flag}", "MQI_FAULT_ACTION": "kill"})
+    staging = make_case(tmp_path / "staging", "qa_crash")
+    plan = next(staging.glob("RP*.dcm"))
+    for beam in (2, 3, 4):
+        write_reference(staging, plan, beam)
+    shutil.move(staging, run.inbox / "qa_crash")
+    (run.inbox / "qa_crash" / "_CASE_READY").touch()
+    case = run.wait_case("qa_crash", timeout=300)
+    assert not flag.exists()  # the worker was killed at the fault point
+    assert case["status"] == "COMPLETED" and case["verdict"] == "PASS"
+    commands = [e["command"] for e in case["events"]]
+    assert commands.count("qa_evaluated") == 1 and commands.count("case_completed") == 1
