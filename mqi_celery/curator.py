@@ -24,5 +24,5 @@ def report_system_status(ctx) -> dict:
                     settings.curator.claim_grace_seconds)
         messages.emit(ctx, "claim_released", {"host": host, "resource": resource}, case_id=case_id)
     status = system_status(ctx, store)
-    resume_parked()
+    resume_parked(ctx)
     return messages.emit(ctx, "system_status_update", status)

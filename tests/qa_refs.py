@@ -5,6 +5,7 @@ does not have. ``independent_pass_rate`` runs pymedphys on the two files directl
 reading, no project code) to check the pipeline's wiring against."""
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -116,9 +117,13 @@ def independent_pass_rate(reference: Path, evaluated: Path, dose_percent=3.0, di
     if rz.size > 1:  # the reference at the evaluated plane
         points = np.stack(np.meshgrid(ez[:1], ry, rx, indexing="ij"), -1)
         rd = RegularGridInterpolator((rz, ry, rx), rd)(points)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        g = pymedphys.gamma((ry, rx), rd[0], (ey, ex), ed[0], dose_percent, distance_mm,
-                            lower_percent_dose_cutoff=cutoff, max_gamma=2, quiet=True)
+    logging.disable(logging.INFO)  # pymedphys logs progress on the root logger, some of it unformattable
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = pymedphys.gamma((ry, rx), rd[0], (ey, ex), ed[0], dose_percent, distance_mm,
+                                lower_percent_dose_cutoff=cutoff, max_gamma=2, quiet=True)
+    finally:
+        logging.disable(logging.NOTSET)
     judged = ~np.isnan(g)
     return 100.0 * float(np.mean(g[judged] <= 1))

@@ -284,3 +284,11 @@ def test_one_reading_of_a_host_at_a_time_and_unjudged_gpus_asked_again_at_once(c
     assert admission.latest_reading(ctx, max_age=60, may_read=False) is None and sent == ["mqi.read_host"] * 2
     # A submit (may_read) keeps a fresh reading, readable or not: it never waits on a hung host.
     assert admission.latest_reading(ctx, max_age=60, may_read=True)["gpus"] == hung
+
+
+def test_the_curator_s_periodic_run_reads_the_host_resumes_and_publishes(ctx):
+    from mqi_celery.curator import report_system_status
+
+    message = report_system_status(ctx)
+    assert message["command"] == "system_status_update"
+    assert {"accepting_work", "cases", "jobs"} <= set(message["payload"])

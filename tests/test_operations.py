@@ -199,7 +199,7 @@ def test_dry_run_prints_the_topology_and_systemd_units_match_it(tmp_path):
     mqi = [sys.executable, "-m", "mqi_celery.cli"]
     dry = subprocess.run([*mqi, "up", "--dry-run"], env=env, capture_output=True, text=True, timeout=60, check=True)
     commands = dict(line.split(": ", 1) for line in dry.stdout.splitlines() if not line.startswith("#"))
-    assert list(commands) == ["core", "transfer", "execute", "control", "beat", "flower", "metrics"]
+    assert list(commands) == ["core", "transfer", "execute", "control", "qa", "beat", "flower", "metrics"]
     assert "--pool solo" in commands["control"] and "-Q scan,conductor,curator" in commands["core"]
     assert "s3cret" not in dry.stdout
     subprocess.run([*mqi, "deploy", "systemd", "--output", str(tmp_path / "units"), "--user", "mqi"], env=env,
