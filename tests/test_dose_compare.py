@@ -152,3 +152,17 @@ def test_files_that_cannot_be_placed_are_refused_naming_them(tmp_path):
     shutil.copyfile(PLAN, tmp_path / "plan.dcm")
     with pytest.raises(DoseFileError, match="plan.dcm is RTPLAN, not RTDOSE"):
         read_dose(tmp_path / "plan.dcm")
+
+
+def test_the_plan_s_dose_is_compared_with_the_sum_of_the_beams_on_one_grid():
+    from mqi_celery.qa_evaluator import summed
+
+    a = plane(np.tile(np.linspace(0, 50, 40), (40, 1)))
+    b = plane(np.full((40, 40), 10.0))
+    coarse = plane(np.full((21, 21), 10.0), spacing=2.0)  # another grid (0…40 mm): interpolated onto the first
+    total = summed([a, b, coarse])
+    inner = total.dose[0, 2:37, 2:37]
+    assert np.allclose(inner, a.dose[0, 2:37, 2:37] + 20.0)
+    assert "sum of the 3 recomputed beams" in " ".join(total.notes)
+    plan_dose = replace(a, dose=a.dose + 20.0)
+    assert compare(plan_dose, total).pass_rate == 100.0
