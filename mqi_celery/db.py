@@ -189,6 +189,8 @@ def _lock(engine: Engine, key: int, name: str, *, block: bool):
     process that holds it: a crash never leaks one."""
     if is_postgres(engine):
         with engine.connect() as conn:
+            if block:  # waits as long as the holder works (a migration): no lock timeout here
+                conn.execute(text("SET LOCAL lock_timeout = 0"))
             held = conn.execute(text("SELECT pg_advisory_lock(:k)" if block else "SELECT pg_try_advisory_lock(:k)"),
                                 {"k": key}).scalar() is not False
             conn.commit()

@@ -12,6 +12,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 CONNECT_TIMEOUT = 10  # seconds: a host that drops packets fails a connection instead of holding a worker
+# A row held longer than this by another session (a frozen or cut-off worker in the middle of
+# a write) fails the waiting statement instead of holding it for ever; the step is retried as
+# a database fault. SQLite's busy timeout (db.py) is the same 30 s.
+LOCK_TIMEOUT_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,16 @@ class DatabaseURL:
         return self.url
 
     def connect_args(self) -> dict:
-        """What SQLAlchemy passes to the driver: a connect timeout for psycopg2, unless set."""
+        """What SQLAlchemy passes to the driver: for psycopg2 a connect timeout and a lock
+        timeout, each unless the URL sets its own (``connect_timeout``, ``options``)."""
         if self.kind != "postgresql" or not self.for_sqlalchemy().startswith("postgresql+psycopg2://"):
             return {}
-        return {} if "connect_timeout" in parse_qs(urlsplit(self.url).query) else {"connect_timeout": CONNECT_TIMEOUT}
+        query, args = parse_qs(urlsplit(self.url).query), {}
+        if "connect_timeout" not in query:
+            args["connect_timeout"] = CONNECT_TIMEOUT
+        if "options" not in query:
+            args["options"] = f"-c lock_timeout={LOCK_TIMEOUT_MS}"
+        return args
 
     def libpq(self, *, password: bool = True) -> str:
         """The address psycopg2 and pg_dump take (``postgresql://``, no driver name);

@@ -145,6 +145,6 @@ def database_fault(exc: BaseException) -> bool:
     if exc.connection_invalidated:
         return True
     code = getattr(exc.orig, "pgcode", None)
-    if code:  # PostgreSQL: connection exception, or the server shutting down
-        return code.startswith(("08", "57P"))
+    if code:  # PostgreSQL: connection exception, the server shutting down, a row held past lock_timeout
+        return code.startswith(("08", "57P")) or code == "55P03"
     return any(words in str(exc.orig).lower() for words in _UNREACHABLE)

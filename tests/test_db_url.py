@@ -17,12 +17,12 @@ def test_sqlite_urls_name_their_file():
     assert DatabaseURL("postgresql://db/mqi").sqlite_path is None
 
 
-def test_postgresql_goes_through_psycopg2_with_a_connect_timeout_unless_one_is_set():
+def test_postgresql_goes_through_psycopg2_with_a_connect_and_a_lock_timeout_unless_set():
     plain = DatabaseURL("postgresql://mqi:pw@db.hospital:5432/mqi")
     assert plain.kind == "postgresql"
     assert plain.for_sqlalchemy() == "postgresql+psycopg2://mqi:pw@db.hospital:5432/mqi"
-    assert plain.connect_args() == {"connect_timeout": 10}
-    assert DatabaseURL("postgresql+psycopg2://db/mqi?connect_timeout=3").connect_args() == {}
+    assert plain.connect_args() == {"connect_timeout": 10, "options": "-c lock_timeout=30000"}
+    assert DatabaseURL("postgresql+psycopg2://db/mqi?connect_timeout=3&options=-c%20x%3D1").connect_args() == {}
     assert DatabaseURL("postgresql+asyncpg://db/mqi").connect_args() == {}
     assert DatabaseURL("sqlite:///x.db").connect_args() == {}
     assert DatabaseURL("mysql://db/mqi").kind == "mysql"

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -344,6 +345,20 @@ def test_a_transient_fault_is_retried_with_backoff_then_succeeds(cluster, tmp_pa
     report("transient-retry", retries=len(delays), delays=delays, completed=True)
 
 
+def waits_for_a_row(database: str) -> bool:
+    """Some session of this database waits for a lock another one holds."""
+    import psycopg2
+
+    from mqi_celery.db_url import DatabaseURL
+
+    with psycopg2.connect(DatabaseURL(database).libpq()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")
+        waiting = cur.fetchone()[0] > 0
+    conn.close()
+    return waiting
+
+
 def test_cancel_during_submit_kills_the_job_it_started(cluster, tmp_path):
     import os
     import signal
@@ -359,9 +374,17 @@ def test_cancel_during_submit_kills_the_job_it_started(cluster, tmp_path):
     make_case(tmp_path / "inbox", "cancelsub", marker=True, rows_per_layer=2)
     frozen = poll_until(lambda: not flag.exists() and _frozen(procs.env["MQI_CONFIG"]), 120,
                         what="a submit frozen right after its sbatch")
-    assert cancel_case(context.current(), "cancelsub")  # while the submit's job id is not yet recorded
-    os.kill(frozen, signal.SIGCONT)
     store, tb = context.current().store, cluster.tb
+    # Cancelled while the submit's job id is not yet recorded. The worker froze with its other
+    # threads wherever they were: one may hold a row the cancel must change, in the middle of
+    # its own write, and only the worker going on releases it. So the cancel runs beside the
+    # test, and the worker goes on once the cancel is done or waits for such a row.
+    with ThreadPoolExecutor(1) as beside:
+        cancelling = beside.submit(cancel_case, context.current(), "cancelsub")
+        poll_until(lambda: cancelling.done() or waits_for_a_row(cluster.database), 60,
+                   what="the cancel to finish or to wait for a row the frozen worker holds")
+        os.kill(frozen, signal.SIGCONT)
+        assert cancelling.result(timeout=120)
 
     def every_job_cancelled():
         out = tb.ssh("squeue -h -t all -o '%j %T' -n mqi-cancelsub-2,mqi-cancelsub-3,mqi-cancelsub-4").stdout

@@ -6,6 +6,7 @@ import pytest
 
 from mqi_celery import context
 from mqi_celery.models import Case, CaseStatus, IllegalTransition, JobStatus
+from mqi_celery.db_url import DatabaseURL
 from mqi_celery.store import NewJob
 
 
@@ -211,3 +212,41 @@ def test_a_job_change_and_its_event_are_written_together_or_not_at_all(config_fi
     store.add_jobs("c1", [NewJob(2, "b2", "d2")])
     assert store.update_job("c1", 2, only_from={JobStatus.PENDING}, remote_id="43", event=started) is not None
     assert [e["command"] for e in store.events("c1")] == ["execution_started"]
+
+
+@pytest.mark.integration
+def test_a_row_held_by_a_frozen_session_fails_the_write_waiting_for_it_as_a_database_fault(monkeypatch):
+    """A worker frozen (SIGSTOP, a paused VM) in the middle of a write keeps its row locked:
+    a write waiting for that row fails after the lock timeout as a database fault (the step
+    waits and is retried) instead of holding its worker, or a command, for ever."""
+    import psycopg2
+    from sqlalchemy.exc import OperationalError
+
+    from mqi_celery import db, db_url
+    from mqi_celery.errors import database_fault
+    from mqi_celery.store import Store
+    from tests.services import postgres_database
+
+    monkeypatch.setattr(db_url, "LOCK_TIMEOUT_MS", 300)
+    with postgres_database() as url:
+        store = Store.from_url(url)
+        store.register_case("held", "/inbox/held")
+        frozen = psycopg2.connect(DatabaseURL(url).libpq())
+        try:
+            frozen.cursor().execute("SELECT 1 FROM cases WHERE case_id = 'held' FOR UPDATE")
+            with pytest.raises(OperationalError) as raised:
+                store.update_case("held", status=CaseStatus.QUEUED)
+            assert raised.value.orig.pgcode == "55P03" and database_fault(raised.value)
+        finally:
+            frozen.close()
+        store.update_case("held", status=CaseStatus.QUEUED)  # the row free again: the write goes through
+        assert store.get_case("held").status is CaseStatus.QUEUED
+        # A migration waits for another process's migration however long it takes.
+        other = psycopg2.connect(DatabaseURL(url).libpq())
+        other.autocommit = True
+        other.cursor().execute("SELECT pg_advisory_lock(%s)", (db.MIGRATE_KEY,))
+        ends = threading.Timer(1.0, other.close)  # held 1 s: more than three lock timeouts
+        ends.start()
+        with db._migration_lock(store.engine) as held:
+            assert held and other.closed
+        ends.join()
