@@ -54,8 +54,10 @@ $(EXPORTER):
 	.cache/celery-exporter/bin/pip install --quiet prometheus-exporter-celery==0.11.2
 	touch $(EXPORTER)
 
+# Two pytest processes: the testbed's tests in one, in order, everything else beside them
+# (most of the suite waits on pipelines, not on the CPU).
 test: install testbed $(COMPOSE_SCHEMA) $(EXPORTER)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The fast layer: no service, none of the pipeline's processes (~30 s on 2 cores).
 unit: install

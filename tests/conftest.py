@@ -31,6 +31,9 @@ def pytest_collection_modifyitems(items):
         fixtures = getattr(item, "fixturenames", ())
         if "slurm_testbed" in fixtures:
             item.add_marker(pytest.mark.slurm)
+            # One testbed per run, its tests one after another (`make test` runs the rest
+            # beside them, pytest-xdist's loadgroup): fault tests stop and restart its daemons.
+            item.add_marker(pytest.mark.xdist_group("testbed"))
         if "embedded" in fixtures or "installation" in fixtures:
             item.add_marker(pytest.mark.processes)
         if not any(item.get_closest_marker(layer) for layer in SLOW_LAYERS):
