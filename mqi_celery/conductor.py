@@ -130,10 +130,21 @@ def _still_copying(case_dir: Path, settle_seconds: float) -> bool:
         return False  # removed meanwhile: validation says so
 
 
-def admit_registered(ctx, case_id: str) -> bool:
-    """``admit`` for a case the scanner registered (a redelivery finds it admitted already)."""
+def admit_registered(ctx, case_id: str, *, redelivered: bool = False) -> bool:
+    """``admit`` for a case the scanner registered. A redelivery finds it admitted already:
+    the delivery before was cut off (its worker lost the broker, or died) after validating,
+    perhaps before its upload reached the broker. A case still QUEUED for upload is then
+    dispatched again at once (the new dispatch supersedes a message that did get out), so
+    it goes on when the broker is back, not when its lease runs out."""
     case = ctx.store.get_case(case_id)
-    return case is not None and case.status is CaseStatus.NEW and admit(ctx, case_id)
+    if case is None:
+        return False
+    if case.status is CaseStatus.NEW:
+        return admit(ctx, case_id)
+    if redelivered and case.status is CaseStatus.QUEUED and case.stage == Stage.UPLOAD:
+        with logs.bound(case.trace_id):
+            return dispatch(ctx, case_id, stage=Stage.UPLOAD)
+    return False
 
 
 def request_admission(ctx, case_id: str) -> None:

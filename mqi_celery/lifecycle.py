@@ -68,6 +68,10 @@ class JobStep(StrEnum):
 # (a redelivered submit adopts it, never doubles it).
 POLLER_STARTS = (JobStep.WAITING, JobStep.UNSENT, JobStep.UNSENT_SUBMITTED)
 MAY_HAVE_RUN = (JobStep.SUBMITTING, JobStep.UNSENT_SUBMITTED)
+# Once a case is the poller's (stage run) only the poller submits: a beam found SUBMITTING
+# there was being started by a poll whose process died. The next poll starts it again,
+# adopting the run if it began (no submit task is left to be redelivered, no lease runs).
+POLLER_RESUMES = (*POLLER_STARTS, JobStep.SUBMITTING)
 
 
 class IllegalStageMove(ValueError):

@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session
 
 from . import db, db_reads
 from .host_records import HostRecords
-from .lifecycle import POLLER_STARTS, CaseStep, Stage
+from .lifecycle import POLLER_RESUMES, POLLER_STARTS, CaseStep, Stage
 from .models import ACTIVE_CASE, TERMINAL_JOB, Case, CaseStatus, Job, JobStatus, check_transition
 
 _ACTIVE = [s.value for s in ACTIVE_CASE]
 _LIVE_JOB = [JobStatus.PENDING.value, JobStatus.RUNNING.value]
 _POLLER_STARTS = [step.value for step in POLLER_STARTS]
+_POLLER_RESUMES = [step.value for step in POLLER_RESUMES]
 
 
 @dataclass(frozen=True)
@@ -393,10 +394,11 @@ class Store(HostRecords, db_reads.CaseReads):
         self.release_claims(row.case_id, row.beam, s=s)
 
     def waiting_jobs(self, limit: int = 500) -> list[Job]:
-        """Beams ready to run that wait for their host, oldest case first."""
+        """Beams ready to run that wait for their host (or whose start a dying poll cut
+        off: ``lifecycle.POLLER_RESUMES``), oldest case first."""
         with self.session() as s:
             rows = s.scalars(select(db.JobRow).join(db.CaseRow, db.CaseRow.case_id == db.JobRow.case_id).where(
-                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step.in_(_POLLER_STARTS),
+                db.JobRow.status == JobStatus.PENDING.value, db.JobRow.step.in_(_POLLER_RESUMES),
                 db.CaseRow.status == CaseStatus.PROCESSING.value, db.CaseRow.stage == Stage.RUN.value)
                 .order_by(db.CaseRow.created_at, db.JobRow.case_id, db.JobRow.beam).limit(limit))
             return [_job(r) for r in rows]

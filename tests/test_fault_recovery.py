@@ -236,7 +236,9 @@ def test_nvidia_smi_hanging_for_a_minute_holds_beams_and_leaves_nothing_on_the_h
     assert [c.status for c in cases] == [CaseStatus.COMPLETED] * 10, [c.error for c in cases]
     assert not started_during, started_during  # nothing was started on GPUs nobody could read
     assert not leftovers, leftovers  # every hung nvidia-smi was killed on the host
-    assert max(timings) < 5, timings  # never waits on the host (a reading takes 30 s to time out)
+    # Never waits on the host: a reading that did would take its 30 s timeout (a new process
+    # on a loaded machine may take a few seconds to start).
+    assert max(timings) < 20, timings
     started = [e["payload"]["beam"] for c in ids for e in store.events(c) if e["command"] == "execution_started"]
     assert len(started) == 30  # one run per beam
 

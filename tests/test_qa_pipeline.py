@@ -58,6 +58,8 @@ def test_perturbed_references_give_the_library_s_pass_rates_and_every_verdict(em
             alone = independent_pass_rate(run.inbox / name / entry["reference"], results / entry["evaluated"])
             assert entry["pass_rate"] == pytest.approx(alone, abs=0.5), (name, entry)
             seen.add(entry["verdict"])
+            print(f"QA-REPORT {name} beam {entry['beam']} {changes or 'identical'}: pass rate "
+                  f"{entry['pass_rate']:.2f} % (pymedphys alone {alone:.2f} %), {entry['verdict']}")
         # Never uploaded: the planned doses are the QA's, not the engine's.
         assert not list((run.folder / "remote" / name / "input").glob("RD*"))
         assert "qa_evaluated" in [e["command"] for e in case["events"]]

@@ -142,3 +142,22 @@ def test_breaker_opens_after_n_failures_allows_one_probe_and_closes(ctx, broker)
     case = store.get_case("waiting")
     assert case.wait_reason is None and case.reconciles == 0
     assert "case_resumed" in [e["command"] for e in store.events("waiting")]
+
+
+def test_a_redelivered_admission_sends_the_upload_its_cut_off_delivery_may_have_lost(ctx, broker):
+    """The conductor's worker lost RabbitMQ after validating a case, perhaps before its
+    upload got out; the admission is delivered again: the case goes on now, not when its
+    lease (600 s shipped) runs out. A plain duplicate, or a case already uploading, sends
+    nothing."""
+    from mqi_celery.conductor import admit_registered
+
+    store = context.current().store
+    store.register_case("cut", "/inbox/cut")
+    store.add_jobs("cut", [NewJob(2, "b2", "d2")])
+    store.update_case("cut", status=CaseStatus.QUEUED, stage="upload")
+    store.start_dispatch("cut", 600)  # dispatch 1, its lease still running
+    assert admit_registered(ctx, "cut") is False and broker.sent == []
+    assert admit_registered(ctx, "cut", redelivered=True) is True
+    assert broker.sent == [("cut", "upload", 2)]  # dispatch 1's message, if it got out, skips itself
+    store.update_case("cut", status=CaseStatus.PROCESSING)
+    assert admit_registered(ctx, "cut", redelivered=True) is False and len(broker.sent) == 1

@@ -133,6 +133,24 @@ def test_a_stage_moves_on_exactly_once(config_file):
     assert store.cases_to_collect() == ["c1"]
 
 
+def test_a_beam_whose_start_a_dying_poll_cut_off_is_the_next_poll_s_to_start(config_file):
+    """The poller started a waiting beam (step submitting), then its process died: no submit
+    task is left to be redelivered and a case at stage run holds no lease, so the next poll
+    starts the beam again (adopting its run if it began). At stage submit a beam that is
+    submitting is its submit task's, never the poller's."""
+    store = context.current().store
+    _queued_case(store)
+    store.update_case("c1", status=CaseStatus.PROCESSING)
+    store.advance_stage("c1", "upload", "submit", 60)
+    store.update_job("c1", 2, step="waiting")
+    store.update_job("c1", 3, step="submitting")
+    assert [j.beam for j in store.waiting_jobs()] == []  # still stage submit: the tasks' beams
+    store.update_job("c1", 3, step="waiting")
+    assert store.finish_submits("c1")  # every beam waits for its host: the poller's now
+    store.update_job("c1", 2, step="submitting")  # a poll started beam 2, then died
+    assert [(j.beam, j.step) for j in store.waiting_jobs()] == [(2, "submitting"), (3, "waiting")]
+
+
 def test_expired_and_void_leases_are_found_parked_cases_are_not(config_file):
     store = context.current().store
     for case_id in ("live", "lost", "parked", "done"):

@@ -5,9 +5,10 @@ from ..celery_app import app
 from .base import PipelineTask
 
 
-@app.task(name="mqi.admit_case", base=PipelineTask, ignore_result=True)
-def admit_case(case_id: str) -> bool:
-    return conductor.admit_registered(context.current(), case_id)
+@app.task(name="mqi.admit_case", base=PipelineTask, ignore_result=True, bind=True)
+def admit_case(self, case_id: str) -> bool:
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    return conductor.admit_registered(context.current(), case_id, redelivered=redelivered)
 
 
 @app.task(name="mqi.verify_results", base=PipelineTask)
