@@ -59,7 +59,7 @@ $(EXPORTER):
 test: install testbed $(COMPOSE_SCHEMA) $(EXPORTER)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-# The fast layer: no service, none of the pipeline's processes (~30 s on 2 cores).
+# The fast layer: no service, none of the pipeline's processes (about a minute on 2 cores).
 unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
