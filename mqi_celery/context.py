@@ -15,7 +15,8 @@ from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
-from .config import Settings, load_settings
+from .config import Settings
+from .config_loading import load_settings
 
 
 class Sender(Protocol):

@@ -12,7 +12,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from .config import load_settings
+from .config_loading import load_settings
 from .errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mqi_celery import context
-from mqi_celery.config import load_settings
+from mqi_celery.config_loading import load_settings
 from tests.pipeline_cluster import cluster  # noqa: F401  (workers + testbed, per test)
 from tests.polling import poll_until  # noqa: F401  (tests import it from here)
 from tests.testbed.fixtures import slurm_testbed  # noqa: F401  (the real sshd + Slurm, for every test)

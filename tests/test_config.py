@@ -6,7 +6,8 @@ import pydantic
 import pytest
 import yaml
 
-from mqi_celery.config import Settings, load_settings, masked
+from mqi_celery.config import Settings, masked
+from mqi_celery.config_loading import load_settings
 from mqi_celery.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -83,7 +83,7 @@ def test_every_mqi_container_runs_processes_its_configuration_has(compose, tmp_p
     assert sorted(workers) == sorted(set(workers)) == sorted(n for n in run if n not in ("beat", "flower"))
     assert len(workers) == 5
     assert all("metrics" in run[w] for w in workers)
-    from mqi_celery.config import load_settings
+    from mqi_celery.config_loading import load_settings
 
     settings = load_settings(config, environ=container_env(compose["services"]["core"]))
     consumed = [q for g in settings.processes.workers if g.name in workers for q in g.queues]
@@ -91,7 +91,7 @@ def test_every_mqi_container_runs_processes_its_configuration_has(compose, tmp_p
 
 
 def test_prometheus_scrapes_every_metrics_endpoint_of_the_stack(compose):
-    from mqi_celery.config import load_settings
+    from mqi_celery.config_loading import load_settings
 
     conf = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     port = load_settings(DOCKER / "mqi.compose.yaml", environ={}).metrics.port

@@ -72,7 +72,7 @@ def test_every_static_block_names_what_exists():
         assert program in {"cp", "install", "systemctl", "cd", "printf", "docker", "pip", "pg_restore", "rsync", "cat", "curl",
                            "ssh-keyscan", "ssh-keygen", "/data/mqi/log/mqi.jsonl", "daily", "rotate", "compress",
                            "missingok", "copytruncate", "}", "EOF", "python3"} or program.startswith(("/data/mqi/log/", "/opt/celery-exporter/bin/")), line
-    from mqi_celery.config import load_settings
+    from mqi_celery.config_loading import load_settings
     from mqi_celery.process_manager import systemd_units, topology
 
     settings = load_settings(ROOT / "conf" / "default.yaml", environ={})
